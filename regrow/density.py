@@ -1,0 +1,77 @@
+"""Per-layer density allocation: uniform, Erdős–Rényi (SET) and Erdős–Rényi-Kernel (RigL).
+
+Every function returns exact integer non-zero counts whose sum is round(density * total).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+
+
+def _raw_density(shape: Sequence[int], distribution: str) -> float:
+    """Un-normalised density of one layer before the global scale is solved."""
+    if distribution == "uniform" or len(shape) < 2:
+        return 1.0
+    if distribution == "er":
+        n_out, n_in = shape[0], shape[1]
+        return (n_in + n_out) / (n_in * n_out)
+    # erk: sum of every dimension of the kernel over their product
+    return sum(shape) / math.prod(shape)
+
+
+def layer_densities(shapes: Mapping[str, Sequence[int]], density: float,
+                    distribution: str = "erk") -> dict[str, float]:
+    """Real-valued density per layer so that the total number of non-zeros is
+    ``density * total``; any layer that would exceed density 1 is made dense and the
+    scale is solved again over the rest (RigL's loop)."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution '{distribution}'; choose one of {', '.join(DISTRIBUTIONS)}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    numel = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: _raw_density(shape, distribution) for name, shape in shapes.items()}
+    budget = density * sum(numel.values())
+    dense: set[str] = set()
+    while True:
+        free = [n for n in shapes if n not in dense]
+        if not free:
+            break
+        remaining = budget - sum(numel[n] for n in dense)
+        scale = remaining / sum(raw[n] * numel[n] for n in free)
+        saturated = [n for n in free if scale * raw[n] > 1.0]
+        if not saturated:
+            break
+        dense.update(saturated)
+    return {n: 1.0 if n in dense else min(1.0, scale * raw[n]) for n in shapes}
+
+
+def allocate_counts(shapes: Mapping[str, Sequence[int]], density: float,
+                    distribution: str = "erk") -> dict[str, int]:
+    """Exact integer non-zero counts per layer.
+
+    Counts are the real-valued shares rounded by largest remainder, so the sum is exactly
+    ``round(density * total)`` and every layer is within one weight of its share; a layer is
+    never left empty (it takes one weight from the largest layer).
+    """
+    densities = layer_densities(shapes, density, distribution)
+    numel = {name: math.prod(shape) for name, shape in shapes.items()}
+    target = round(density * sum(numel.values()))
+    share = {n: densities[n] * numel[n] for n in shapes}
+    counts = {n: min(numel[n], math.floor(share[n])) for n in shapes}
+    by_remainder = sorted(shapes, key=lambda n: -(share[n] - math.floor(share[n])))
+    missing = target - sum(counts.values())
+    for n in by_remainder:
+        if missing <= 0:
+            break
+        if counts[n] < numel[n]:
+            counts[n] += 1
+            missing -= 1
+    for n in shapes:
+        if counts[n] == 0:
+            donor = max(counts, key=counts.get)
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[n] = 1
+    return counts

@@ -1,0 +1,199 @@
+"""DynamicSparsity: keeps a model sparse while it trains and rewires it when due."""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .backends.masked import MaskedTarget
+from .density import DISTRIBUTIONS, allocate_counts
+from .layers import find_sparsifiable
+from .methods import METHODS, REGISTRY, UpdateContext, make_method
+from .methods.gmp import GMP
+from .metrics import sparsity_stats
+from .optim_state import OptimizerStateMasker, check_optimizer
+from .schedules import UpdateSchedule
+
+
+class DynamicSparsity:
+    """Dynamic sparse training for any model and optimizer.
+
+    ``step()`` replaces ``optimizer.step()``: it masks the gradients, steps the optimizer,
+    re-applies the masks and, every ``update_interval`` steps until
+    ``stop_fraction * total_steps``, drops and regrows connections by the chosen method::
+
+        dst = regrow.DynamicSparsity(model, optimizer, method="rigl", sparsity=0.9, total_steps=T)
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            dst.step()
+
+    At an update step the optimizer steps first (with the old topology); the update then uses
+    the gradient of that step's batch, so grown weights start exactly at their initial value
+    (zero, or as the method documents) with zero optimizer state.
+
+    Args:
+        model: the network. By default the weights of nn.Linear, nn.Conv1d/2d/3d and
+            nn.MultiheadAttention's projections are sparsified.
+        optimizer: SGD, Adam, AdamW or a subclass, holding the sparsified parameters.
+        method: one of ``regrow.METHODS``: dense, static, set, rigl, gse, dstee, srigl, gmp.
+        sparsity: fraction of the sparsified weights that are zero, in [0, 1).
+        total_steps: number of ``step()`` calls the run will make (for the schedules).
+        distribution: per-layer density allocation: ``uniform``, ``er`` or ``erk``.
+        update_interval: steps between topology updates (dT).
+        drop_fraction: fraction of each layer's active weights rewired at the first update (alpha).
+        drop_schedule: how the drop fraction decays: ``cosine``, ``linear`` or ``constant``.
+        stop_fraction: no updates after ``stop_fraction * total_steps``.
+        dense_layers: parameter or module names to keep dense.
+        seed: seeds every random choice (initial masks, SET, GSE sampling).
+        targets: optional explicit list of parameters, parameter names or modules to sparsify.
+        allow_any_optimizer: accept optimizers other than SGD/Adam/AdamW, zeroing every state
+            tensor shaped like its parameter.
+        **method_options: per method:
+            set: ``grow_init`` ("random", default; or "zero");
+            rigl: ``grow_init`` ("zero");
+            gse: ``gamma`` (1.0, subset size / active count), ``sampling``
+            ("uniform", "grabo", "graest"), ``grow_init``;
+            dstee: ``c`` (1e-3), ``eps`` (1.0), ``grow_init``;
+            srigl: ``gamma_sal`` (0.3), ``ablation`` (True), ``grow_init``;
+            gmp: ``begin_fraction`` (0.0).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str,
+                 sparsity: float, total_steps: int, distribution: str = "erk",
+                 update_interval: int = 100, drop_fraction: float = 0.3,
+                 drop_schedule: str = "cosine", stop_fraction: float = 0.75,
+                 dense_layers: Iterable[str] = (), seed: int = 0,
+                 targets: Iterable | None = None, allow_any_optimizer: bool = False,
+                 **method_options):
+        if method not in REGISTRY:
+            raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution '{distribution}'; choose one of {', '.join(DISTRIBUTIONS)}")
+        self.schedule = UpdateSchedule(total_steps=total_steps, interval=update_interval,
+                                       drop_fraction=drop_fraction, schedule=drop_schedule,
+                                       stop_fraction=stop_fraction)
+        check_optimizer(optimizer, allow_any_optimizer)
+        self.method = make_method(method, method_options)
+        self.model, self.optimizer = model, optimizer
+        self.sparsity, self.distribution, self.seed = float(sparsity), distribution, seed
+
+        found = find_sparsifiable(model, targets, dense_layers)
+        if not found:
+            raise ValueError("the model has nothing to sparsify: no nn.Linear, nn.ConvNd or "
+                             "nn.MultiheadAttention weights (pass targets=[...] to choose parameters)")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [s.name for s in found if id(s.param) not in held]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the sparsified parameter(s) {missing[:5]}; "
+                             "build it from model.parameters() before creating DynamicSparsity")
+
+        shapes = {s.name: tuple(s.param.shape) for s in found}
+        density = 1.0 if method == "dense" else 1.0 - self.sparsity
+        budgets = allocate_counts(shapes, density, distribution)
+        state = OptimizerStateMasker(optimizer)
+        self.targets = [MaskedTarget(s.name, s.param, s.module, budgets[s.name], state) for s in found]
+
+        self.generator = torch.Generator().manual_seed(seed)
+        if isinstance(self.method, GMP):
+            self.method.plan(self.schedule.update_steps(), total_steps)
+        self.method.init_masks(self.targets, self.generator)
+        self._step = 0
+        self._updates = 0
+        self._arm_capture()
+
+    # -- the public surface --------------------------------------------------------------
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> bool mask of the parameter's shape (live tensors: do not modify)."""
+        return {t.name: t.mask for t in self.targets}
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    def step(self) -> None:
+        """Optimizer step with masked gradients, masks re-applied, topology update when due."""
+        t = self._step + 1
+        due = self.method.dynamic and self.schedule.is_update(t)
+        if due and not all(target.grad_is_finite() for target in self.targets):
+            warnings.warn(f"regrow: non-finite gradient at step {t}; skipping this topology update",
+                          RuntimeWarning, stacklevel=2)
+            due = False
+        if due and self.method.needs_grad:
+            for target in self.targets:
+                target.snapshot_grad()
+        for target in self.targets:
+            target.mask_grad()
+        self.optimizer.step()
+        for target in self.targets:
+            target.apply_mask()
+        if due:
+            self._update_topology(t)
+        for target in self.targets:
+            target.release()
+        self._step = t
+        self._arm_capture()
+
+    def stats(self) -> dict:
+        """Overall density, ITOP rate, update count, step, and per-layer density/nnz/neurons."""
+        out = sparsity_stats(self.targets)
+        out.update(updates=self._updates, step=self._step, method=self.method.name)
+        return out
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly (the model and optimizer are saved separately)."""
+        return {
+            "step": self._step,
+            "updates": self._updates,
+            "generator": self.generator.get_state(),
+            "targets": {t.name: t.state_dict() for t in self.targets},
+            "method": self.method.state_dict(),
+            "config": {"method": self.method.name, "sparsity": self.sparsity,
+                       "distribution": self.distribution, "seed": self.seed},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {t.name for t in self.targets}
+        if set(state["targets"]) != names:
+            raise ValueError(f"checkpoint layers {sorted(state['targets'])} do not match this model's "
+                             f"sparsified layers {sorted(names)}")
+        if state["config"]["method"] != self.method.name:
+            raise ValueError(f"checkpoint was made with method '{state['config']['method']}', "
+                             f"not '{self.method.name}'")
+        for t in self.targets:
+            t.load_state_dict(state["targets"][t.name])
+        self.method.load_state_dict(state["method"])
+        self.generator.set_state(state["generator"])
+        self._step, self._updates = int(state["step"]), int(state["updates"])
+        for t in self.targets:
+            t.release()
+        self._arm_capture()
+
+    # -- internals -----------------------------------------------------------------------
+    def _update_topology(self, t: int) -> None:
+        ctx = UpdateContext(step=t, fraction=self.schedule.fraction(t), generator=self.generator)
+        with torch.no_grad():
+            for target in self.targets:
+                self.method.update(target, ctx)
+            self.method.after_update(self.targets, ctx)
+        self._updates += 1
+
+    def _arm_capture(self) -> None:
+        """Hook layer inputs/output gradients for the next step if it is an update step."""
+        if not (self.method.needs_activations and self.schedule.is_update(self._step + 1)):
+            return
+        for target in self.targets:
+            if target.capture is not None:
+                target.capture.arm()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (f"DynamicSparsity(method={self.method.name}, sparsity={self.sparsity}, "
+                f"layers={len(self.targets)}, density={s['density']:.4f}, step={self._step})")
+
+

@@ -1,0 +1,131 @@
+"""The prune-and-grow step every dynamic method shares; a method supplies only its scores.
+
+At an update step with drop fraction alpha, a layer with N active connections drops the
+k = floor(alpha * N) active weights of smallest |w| (ties to the lower index) and grows k
+connections chosen by the method among those inactive *before* the update, so dropped and
+grown sets are disjoint and N never changes.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+
+from ..backends.base import SparseTarget
+from ..selection import largest_k, smallest_k
+
+GROW_INITS = ("zero", "random")
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: makes a method available as ``method=cls.name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def option_names(cls: type["Method"]) -> list[str]:
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+@dataclass(frozen=True)
+class UpdateContext:
+    """What an update step knows besides the layer: 1-based step, drop fraction, RNG."""
+
+    step: int
+    fraction: float
+    generator: torch.Generator
+
+
+def random_mask(target: SparseTarget, count: int, gen: torch.Generator) -> torch.Tensor:
+    """A bool [rows, cols] mask with exactly ``count`` entries, uniformly placed."""
+    flat = torch.randperm(target.numel, generator=gen)[:count]
+    mask = torch.zeros(target.numel, dtype=torch.bool)
+    mask[flat] = True
+    return mask.view(target.rows, target.cols)
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and override the hooks they need."""
+
+    name: ClassVar[str] = ""
+    dynamic: ClassVar[bool] = True       # rewires connections during training
+    needs_grad: ClassVar[bool] = False   # reads dL/dw at update steps
+    sparse_backend: ClassVar[bool] = True  # works without dense tensors
+
+    def __init__(self, *, grow_init: str = "zero"):
+        if grow_init not in GROW_INITS:
+            raise ValueError(f"unknown grow_init '{grow_init}'; choose one of {', '.join(GROW_INITS)}")
+        self.grow_init = grow_init
+
+    @property
+    def needs_activations(self) -> bool:
+        """Whether the update step's layer inputs and output gradients are captured."""
+        return False
+
+    # -- initial topology ----------------------------------------------------------------
+    def init_masks(self, targets: Sequence[SparseTarget], gen: torch.Generator) -> None:
+        """Random masks with each layer's exact budget (a fixed random sparse network)."""
+        for t in targets:
+            t.set_mask(random_mask(t, t.budget, gen))
+
+    # -- one topology update -------------------------------------------------------------
+    def update(self, target: SparseTarget, ctx: UpdateContext) -> None:
+        n = target.nnz
+        k = min(int(ctx.fraction * n), target.numel - n)
+        if k <= 0:
+            return
+        drop = self.drop(target, k)
+        grow = self.grow(target, k, ctx)
+        assert grow.numel() == k, f"{self.name} grew {grow.numel()} of {k} in '{target.name}'"
+        assert not torch.isin(drop, grow).any(), "dropped and grown sets must be disjoint"
+        target.rewire(drop, grow, self.grow_values(target, k, ctx.generator))
+
+    def after_update(self, targets: Sequence[SparseTarget], ctx: UpdateContext) -> None:
+        """Called once after every layer was updated (bookkeeping such as DST-EE's counts)."""
+
+    def drop(self, target: SparseTarget, k: int) -> torch.Tensor:
+        """The k active connections of smallest |w|."""
+        active = target.active_indices()
+        return active[smallest_k(target.active_values().abs(), k)]
+
+    def grow(self, target: SparseTarget, k: int, ctx: UpdateContext) -> torch.Tensor:
+        """The k candidates with the largest grow score."""
+        candidates = self.candidates(target, k, ctx)
+        return candidates[largest_k(self.grow_scores(target, candidates, ctx), k)]
+
+    def candidates(self, target: SparseTarget, k: int, ctx: UpdateContext) -> torch.Tensor:
+        """Connections eligible to grow: by default every inactive one."""
+        return target.inactive_indices()
+
+    def grow_scores(self, target: SparseTarget, candidates: torch.Tensor,
+                    ctx: UpdateContext) -> torch.Tensor:
+        raise NotImplementedError(f"method '{self.name}' does not score growth")
+
+    def grow_values(self, target: SparseTarget, k: int, gen: torch.Generator) -> torch.Tensor:
+        """Initial values of grown weights: zero, or U(-b, b) with the layer's init bound."""
+        if self.grow_init == "zero":
+            return torch.zeros(k, device=target.device)
+        bound = target.fan_in_bound()
+        return ((torch.rand(k, generator=gen) * 2 - 1) * bound).to(target.device)
+
+    # -- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def make_method(name: str, options: dict) -> Method:
+    """Instantiate a registered method, turning bad options into a one-line ValueError."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method '{name}'; choose one of {', '.join(REGISTRY)}")
+    cls = REGISTRY[name]
+    allowed = option_names(cls)
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ValueError(f"method '{name}' has no option(s) {bad}; its options are {allowed or 'none'}")
+    return cls(**options)

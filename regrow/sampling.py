@@ -1,0 +1,108 @@
+"""Subset samplers for GSE: which inactive connections get their gradient looked at.
+
+All samplers return sorted, duplicate-free flat indices of *inactive* connections and never
+enumerate the rows x cols grid: pairs are drawn with replacement, active and repeated pairs
+are rejected, and drawing continues until enough distinct pairs are found. Their cost is
+O(subset) plus, for the factorised ones, O(rows + cols) to build the marginals.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backends.base import SparseTarget
+
+SAMPLERS = ("uniform", "grabo", "graest")
+_MAX_ROUNDS = 8   # factorised draws that keep hitting the same few pairs stop after this
+
+
+def _draw_until(target: SparseTarget, m: int, draw, rounds: int | None = None) -> torch.Tensor:
+    """Distinct inactive flat indices from repeated calls of ``draw(n)``, at most m of them."""
+    found = torch.empty(0, dtype=torch.long, device=target.device)
+    attempt = 0
+    while found.numel() < m and (rounds is None or attempt < rounds):
+        attempt += 1
+        need = m - found.numel()
+        flat = draw(math.ceil(need * 1.25) + 16)
+        flat = flat[~target.is_active(flat)]
+        found = torch.unique(torch.cat([found, flat]))
+    return found
+
+
+def _subsample(flat: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+    """A uniformly random m-subset of ``flat``, kept sorted (the set of distinct values of
+    i.i.d. draws is itself a uniform subset, so this keeps uniformity)."""
+    if flat.numel() <= m:
+        return flat
+    keep = torch.randperm(flat.numel(), generator=gen)[:m].to(flat.device)
+    return flat[keep].sort().values
+
+
+def uniform_inactive(target: SparseTarget, m: int, gen: torch.Generator) -> torch.Tensor:
+    """m distinct inactive connections, uniformly at random (fewer if fewer are inactive)."""
+    inactive = target.numel - target.nnz
+    m = min(m, inactive)
+    if m <= 0:
+        return torch.empty(0, dtype=torch.long, device=target.device)
+    if inactive <= 2 * m:
+        # nearly dense: rejection would mostly reject, so when the grid is enumerable use it
+        try:
+            return _subsample(target.inactive_indices(), m, gen)
+        except NotImplementedError:
+            pass
+    def draw(n: int) -> torch.Tensor:
+        return torch.randint(target.numel, (n,), generator=gen).to(target.device)
+    return _subsample(_draw_until(target, m, draw), m, gen)
+
+
+def _factorised(target: SparseTarget, m: int, gen: torch.Generator,
+                row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
+    """Rows and columns drawn independently from the two marginals, with replacement."""
+    inactive = target.numel - target.nnz
+    m = min(m, inactive)
+    if m <= 0:
+        return torch.empty(0, dtype=torch.long, device=target.device)
+    rw = row_weights.detach().double().cpu().clamp_min(0)
+    cw = col_weights.detach().double().cpu().clamp_min(0)
+    if not (rw.sum() > 0 and cw.sum() > 0 and torch.isfinite(rw).all() and torch.isfinite(cw).all()):
+        return uniform_inactive(target, m, gen)
+
+    def draw(n: int) -> torch.Tensor:
+        r = torch.multinomial(rw, n, replacement=True, generator=gen)
+        c = torch.multinomial(cw, n, replacement=True, generator=gen)
+        return (r * target.cols + c).to(target.device)
+
+    found = _draw_until(target, m, draw, rounds=_MAX_ROUNDS)
+    if found.numel() < m:
+        # the marginals put their mass on too few pairs: top up uniformly (documented choice)
+        extra = uniform_inactive(target, m - found.numel() + found.numel() // 4 + 16, gen)
+        found = torch.unique(torch.cat([found, extra]))
+    return _subsample(found, m, gen)
+
+
+def _marginals(target: SparseTarget, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row weights over output neurons, column weights over inputs) for GraBo / GraEst."""
+    pair = target.activations()
+    if pair is None:
+        # no captured activations (conv / attention in the masked backend): use the dense
+        # gradient's row and column sums of |grad| as the factorised distribution
+        g = target.dense_grad().abs()
+        return g.sum(1), g.sum(0)
+    h, delta = pair
+    if kind == "grabo":
+        # Lemma 1: |dL/dw_oi| <= ||delta_o|| ||h_i||; the reference code uses the batch sums of |.|
+        return delta.abs().sum(0), h.abs().sum(0)
+    # graest: an AMS sketch, a = H^T s, d = Delta^T s with one random sign per sample
+    signs = torch.randint(0, 2, (h.shape[0],), generator=gen).to(h.device, h.dtype) * 2 - 1
+    return (signs @ delta).abs(), (signs @ h).abs()
+
+
+def sample_subset(kind: str, target: SparseTarget, m: int, gen: torch.Generator) -> torch.Tensor:
+    """m distinct inactive connections drawn by the named distribution."""
+    if kind == "uniform":
+        return uniform_inactive(target, m, gen)
+    if kind in ("grabo", "graest"):
+        rows, cols = _marginals(target, kind, gen)
+        return _factorised(target, m, gen, rows, cols)
+    raise ValueError(f"unknown sampling '{kind}'; choose one of {', '.join(SAMPLERS)}")

@@ -1,0 +1,27 @@
+"""Deterministic top-k selection: ties always go to the lower position.
+
+``torch.topk`` leaves the order of equal values unspecified, which would let two ranks (or
+two runs) pick different weights among ties. Selecting everything strictly above the k-th
+value and then the lowest-positioned ties is O(n) and reproducible everywhere.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def largest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest scores, ties to lower positions; returned sorted ascending."""
+    n = scores.numel()
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    if k >= n:
+        return torch.arange(n, device=scores.device)
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    above = (scores > kth).nonzero().squeeze(1)
+    ties = (scores == kth).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
+def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k smallest scores, ties to lower positions; sorted ascending."""
+    return largest_k(-scores, k)
