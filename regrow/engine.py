@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .backends.masked import MaskedTarget
+from .backends import MaskedTarget, make_target
 from .density import DISTRIBUTIONS, allocate_counts
 from .layers import find_sparsifiable
 from .methods import METHODS, REGISTRY, UpdateContext, make_method
@@ -96,12 +96,16 @@ class DynamicSparsity:
         density = 1.0 if method == "dense" else 1.0 - self.sparsity
         budgets = allocate_counts(shapes, density, distribution)
         state = OptimizerStateMasker(optimizer)
-        self.targets = [MaskedTarget(s.name, s.param, s.module, budgets[s.name], state) for s in found]
+        self.targets = [make_target(s, budgets[s.name], state) for s in found]
+        always_sparse = [t.name for t in self.targets if not isinstance(t, MaskedTarget)]
+        if always_sparse and not self.method.sparse_backend:
+            raise ValueError(f"method '{method}' needs dense gradients over all inactive connections, which "
+                             f"always-sparse layers {always_sparse[:3]} never build; use static, set or gse")
 
         self.generator = torch.Generator().manual_seed(seed)
         if isinstance(self.method, GMP):
             self.method.plan(self.schedule.update_steps(), total_steps)
-        self.method.init_masks(self.targets, self.generator)
+        self.method.init_masks([t for t in self.targets if not t.preinitialised], self.generator)
         self._step = 0
         self._updates = 0
         self._arm_capture()
@@ -188,8 +192,7 @@ class DynamicSparsity:
         if not (self.method.needs_activations and self.schedule.is_update(self._step + 1)):
             return
         for target in self.targets:
-            if target.capture is not None:
-                target.capture.arm()
+            target.arm_capture()
 
     def __repr__(self) -> str:
         s = self.stats()

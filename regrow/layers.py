@@ -40,6 +40,9 @@ def _owned_parameters(model: nn.Module) -> list[tuple[str, str, nn.Module, str, 
 
 
 def _default_choice(module: nn.Module, attr: str) -> bool:
+    sparse_attr = getattr(module, "regrow_sparse_parameter", None)
+    if sparse_attr is not None:   # an always-sparse layer names its values parameter
+        return attr == sparse_attr
     if isinstance(module, SPARSIFIABLE_MODULES):
         return attr == "weight"
     if isinstance(module, nn.MultiheadAttention):

@@ -24,6 +24,8 @@ class SparseTarget(ABC):
     rows: int
     cols: int
     budget: int
+    #: True when the layer chose its own initial topology (the engine then leaves it as is)
+    preinitialised: bool = False
 
     @property
     def numel(self) -> int:
@@ -90,6 +92,30 @@ class SparseTarget(ABC):
     @abstractmethod
     def fan_in_bound(self) -> float:
         """Bound for a freshly initialised weight, as the layer's own init would use."""
+
+    # -- per-step hooks the engine calls; no-ops unless a backend needs them -----------------
+    def arm_capture(self) -> None:
+        """The next forward/backward is an update step's: record ``(h, delta)``."""
+
+    def snapshot_grad(self) -> None:
+        """Keep this step's weight gradient for the topology update that follows."""
+
+    def release(self) -> None:
+        """Drop whatever was captured for the update step."""
+
+    def grad_is_finite(self) -> bool:
+        return True
+
+    def mask_grad(self) -> None:
+        """Zero the gradient of inactive weights before the optimizer step."""
+
+    def apply_mask(self) -> None:
+        """Force inactive weights back to exactly zero after the optimizer step."""
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Dense bool mask of the parameter's shape (may be costly for the sparse backend)."""
+        raise NotImplementedError(f"{type(self).__name__} has no dense mask for '{self.name}'")
 
     @abstractmethod
     def state_dict(self) -> dict:

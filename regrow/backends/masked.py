@@ -27,12 +27,16 @@ class MaskedTarget(SparseTarget):
         self.rows = param.shape[0]
         self.cols = param.numel() // max(param.shape[0], 1)
         self._optimizer_state = optimizer_state
-        self.mask = torch.ones_like(param, dtype=torch.bool)
-        self.ever_active = torch.zeros_like(self.mask)
+        self._mask = torch.ones_like(param, dtype=torch.bool)
+        self.ever_active = torch.zeros_like(self._mask)
         self.capture = ActivationCapture(module) if isinstance(module, nn.Linear) else None
         self._grad: torch.Tensor | None = None
 
     # -- reading -------------------------------------------------------------------------
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._mask
+
     @property
     def nnz(self) -> int:
         return int(self.mask.sum())
@@ -79,6 +83,10 @@ class MaskedTarget(SparseTarget):
         g = self.param.grad
         self._grad = None if g is None else g.detach().clone()
 
+    def arm_capture(self) -> None:
+        if self.capture is not None:
+            self.capture.arm()
+
     def release(self) -> None:
         self._grad = None
         if self.capture is not None:
@@ -102,7 +110,7 @@ class MaskedTarget(SparseTarget):
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
         """Replace the whole mask (initialisation and checkpoint loading)."""
-        self.mask = mask.to(device=self.param.device, dtype=torch.bool).reshape(self.param.shape).clone()
+        self._mask = mask.to(device=self.param.device, dtype=torch.bool).reshape(self.param.shape).clone()
         self.ever_active |= self.mask
         self.apply_mask()
         self._optimizer_state.zero_inactive(self.param, self.mask)
