@@ -9,6 +9,7 @@ from torch import nn
 
 from .backends import MaskedTarget, make_target
 from .density import DISTRIBUTIONS, allocate_counts
+from .distributed import check_masks_agree
 from .layers import find_sparsifiable
 from .methods import METHODS, REGISTRY, UpdateContext, make_method
 from .methods.gmp import GMP
@@ -51,6 +52,8 @@ class DynamicSparsity:
         targets: optional explicit list of parameters, parameter names or modules to sparsify.
         allow_any_optimizer: accept optimizers other than SGD/Adam/AdamW, zeroing every state
             tensor shaped like its parameter.
+        check_masks: under torch.distributed, all-reduce a mask checksum after every topology
+            update and raise ``MaskDivergenceError`` if ranks disagree (no-op in one process).
         **method_options: per method:
             set: ``grow_init`` ("random", default; or "zero");
             rigl: ``grow_init`` ("zero");
@@ -67,7 +70,7 @@ class DynamicSparsity:
                  drop_schedule: str = "cosine", stop_fraction: float = 0.75,
                  dense_layers: Iterable[str] = (), seed: int = 0,
                  targets: Iterable | None = None, allow_any_optimizer: bool = False,
-                 **method_options):
+                 check_masks: bool = True, **method_options):
         if method not in REGISTRY:
             raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
@@ -81,6 +84,7 @@ class DynamicSparsity:
         self.method = make_method(method, method_options)
         self.model, self.optimizer = model, optimizer
         self.sparsity, self.distribution, self.seed = float(sparsity), distribution, seed
+        self.check_masks = check_masks
 
         found = find_sparsifiable(model, targets, dense_layers)
         if not found:
@@ -186,6 +190,8 @@ class DynamicSparsity:
                 self.method.update(target, ctx)
             self.method.after_update(self.targets, ctx)
         self._updates += 1
+        if self.check_masks:
+            check_masks_agree(self.targets, t)
 
     def _arm_capture(self) -> None:
         """Hook layer inputs/output gradients for the next step if it is an update step."""
