@@ -1,0 +1,40 @@
+"""Multi-layer perceptron (LeNet-300-100 by default; SET's 784-1000-1000-1000-10 via widths)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network that flattens any input.
+
+    Args:
+        in_features: size of the flattened input.
+        num_classes: number of outputs.
+        widths: hidden layer sizes; ``()`` gives a linear classifier.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, widths: Sequence[int] = (300, 100)) -> None:
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if any(w < 1 for w in widths):
+            raise ValueError(f"mlp widths must be positive integers, got {widths}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = in_features
+        for w in widths:
+            layers += [nn.Linear(prev, w), nn.ReLU(inplace=True)]
+            prev = w
+        layers.append(nn.Linear(prev, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def mlp(num_classes: int, in_shape: tuple[int, ...], widths: Sequence[int] = (300, 100)) -> MLP:
+    """MLP over the flattened input; ``widths=(1000, 1000, 1000)`` is SET's MNIST network."""
+    return MLP(math.prod(int(s) for s in in_shape), num_classes, widths)
