@@ -134,6 +134,11 @@ def test_lenet_flatten_size_follows_input() -> None:
     assert fc1_in((1, 8, 8)) == 16 * 2 * 2
 
 
+def test_mlp_layer_names() -> None:
+    names = [n for n, p in build_meta("mlp", 10, (1, 28, 28)).named_parameters() if p.dim() == 2]
+    assert names == ["net.fc1.weight", "net.fc2.weight", "net.fc3.weight"]
+
+
 def test_mlp_flattens_any_shape() -> None:
     model = build("mlp", 4, (64,), widths=(8,))
     assert model(torch.randn(5, 64)).shape == (5, 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -23,13 +24,15 @@ class MLP(nn.Module):
         widths = tuple(int(w) for w in widths)
         if any(w < 1 for w in widths):
             raise ValueError(f"mlp widths must be positive integers, got {widths}")
-        layers: list[nn.Module] = [nn.Flatten()]
+        # named fc1..fcN so per-layer reports read "fc2.weight", not "net.3.weight"
+        layers: dict[str, nn.Module] = {"flatten": nn.Flatten()}
         prev = in_features
-        for w in widths:
-            layers += [nn.Linear(prev, w), nn.ReLU(inplace=True)]
+        for i, w in enumerate(widths, start=1):
+            layers[f"fc{i}"] = nn.Linear(prev, w)
+            layers[f"relu{i}"] = nn.ReLU(inplace=True)
             prev = w
-        layers.append(nn.Linear(prev, num_classes))
-        self.net = nn.Sequential(*layers)
+        layers[f"fc{len(widths) + 1}"] = nn.Linear(prev, num_classes)
+        self.net = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
