@@ -53,7 +53,8 @@ def allocate_counts(shapes: Mapping[str, Sequence[int]], density: float,
 
     Counts are the real-valued shares rounded by largest remainder, so the sum is exactly
     ``round(density * total)`` and every layer is within one weight of its share; a layer is
-    never left empty (it takes one weight from the largest layer).
+    never left empty (it takes one weight from the largest layer, or adds one when the target
+    is smaller than the number of layers).
     """
     densities = layer_densities(shapes, density, distribution)
     numel = {name: math.prod(shape) for name, shape in shapes.items()}
@@ -71,7 +72,7 @@ def allocate_counts(shapes: Mapping[str, Sequence[int]], density: float,
     for n in shapes:
         if counts[n] == 0:
             donor = max(counts, key=counts.get)
-            if counts[donor] > 1:
+            if counts[donor] > 1:   # always true when the target is at least one per layer
                 counts[donor] -= 1
-                counts[n] = 1
+            counts[n] = 1
     return counts

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread, and two cores may be shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# Property tests run a few small training loops per example: keep the count modest and
+# never fail on timing (the CI machine has two shared cores).
+settings.register_profile("regrow", max_examples=int(os.environ.get("REGROW_HYPOTHESIS_EXAMPLES", 20)),
+                          deadline=None, print_blob=True)
+settings.load_profile("regrow")

@@ -1,0 +1,54 @@
+"""Small models, optimizers and a training loop shared by the engine tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import regrow
+
+
+def mlp(widths=(24, 16), n_in=12, n_out=5, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers, prev = [], n_in
+    for w in widths:
+        layers += [nn.Linear(prev, w), nn.ReLU()]
+        prev = w
+    return nn.Sequential(*layers, nn.Linear(prev, n_out))
+
+
+def cnn(channels=6, n_out=5, seed=0) -> nn.Module:
+    """Takes [B, 1, 6, 6] inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(channels * 36, n_out))
+
+
+def make_optimizer(kind: str, params) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=1e-2)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
+
+
+def batches(n_steps: int, in_shape=(12,), n_out=5, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, *in_shape, generator=g), torch.randint(0, n_out, (batch,), generator=g))
+            for _ in range(n_steps)]
+
+
+def train_step(model, optimizer, dst, x, y) -> None:
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    dst.step()
+
+
+def build(method="rigl", model=None, opt="sgd", **kwargs):
+    model = model if model is not None else mlp()
+    optimizer = make_optimizer(opt, model.parameters())
+    kwargs.setdefault("sparsity", 0.8)
+    kwargs.setdefault("total_steps", 40)
+    kwargs.setdefault("update_interval", 4)
+    dst = regrow.DynamicSparsity(model, optimizer, method=method, **kwargs)
+    return model, optimizer, dst
