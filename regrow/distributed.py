@@ -2,9 +2,14 @@
 
 Decisions are identical on every rank by construction: growth reads gradients that DDP has
 already all-reduced, random choices come from a generator seeded the same on every rank, and
-ties break by index (regrow.selection). This module adds the cheap proof: after each topology
-update, a per-layer checksum of the active indices is all-reduced (min and max) and any
-disagreement raises, naming the first layer that diverged.
+ties break by index (regrow.selection). Two inputs are *not* all-reduced by DDP and are made
+global here: the layer inputs and output gradients that GSE's GraBo/GraEst samplers turn into
+marginals (:func:`all_reduce_sum`, :func:`global_rows`). This module also adds the cheap proof:
+after each topology update, a per-layer checksum of the active indices is all-reduced (min and
+max) and any disagreement raises, naming the first layer that diverged.
+
+In one process every function here is a no-op (or the identity), so the engine calls them
+unconditionally.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .backends.base import SparseTarget
 
@@ -23,9 +29,78 @@ class MaskDivergenceError(RuntimeError):
 
 
 def is_distributed() -> bool:
+    """True inside an initialised process group of two or more ranks."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's global rank (0 outside a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 outside a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def comm_device() -> torch.device:
+    """Where tensors must live for this process group's collectives (nccl: the current GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (or DataParallel); any other model as is.
+
+    Sparsify the unwrapped model so that parameter names, masks and checkpoints are the same
+    with and without DDP (no ``module.`` prefix).
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+# -- making per-rank statistics global ---------------------------------------------------------
+def all_reduce_sum(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Element-wise sums over all ranks, each returned with its input's shape, dtype and device.
+
+    One collective for all tensors (they are packed into one float64 buffer, which also keeps
+    the sum exact enough to be a sampling distribution whatever the inputs' dtype). Every rank
+    receives bit-identical results, so anything derived from them is rank-identical.
+    In one process the inputs are returned unchanged.
+    """
+    if not is_distributed():
+        return tuple(tensors)
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).to(comm_device())
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, start = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(flat[start:start + n].view(t.shape).to(device=t.device, dtype=t.dtype))
+        start += n
+    return tuple(out)
+
+
+def global_rows(local_rows: int) -> tuple[int, int]:
+    """``(offset, total)``: where this rank's ``local_rows`` rows sit in the global batch.
+
+    The global batch is the ranks' local batches concatenated in rank order, which is how a
+    DistributedSampler without shuffling shards it. A per-sample random draw (GraEst's sign
+    vector) made over ``total`` rows from the shared generator and sliced at ``offset`` is then
+    the same draw a single process would make over the whole batch, and every rank consumes the
+    generator identically even if the local batch sizes differ. One process: ``(0, local_rows)``.
+    """
+    if not is_distributed():
+        return 0, int(local_rows)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=comm_device()) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([int(local_rows)], dtype=torch.int64, device=comm_device()))
+    counts = [int(s) for s in sizes]
+    me = dist.get_rank()
+    return sum(counts[:me]), sum(counts)
+
+
+# -- the proof ---------------------------------------------------------------------------------
 def mask_checksums(targets: Sequence[SparseTarget]) -> torch.Tensor:
     """One int64 per layer: a wrapping sum of hashed active flat indices, plus the count."""
     sums = []
@@ -36,14 +111,21 @@ def mask_checksums(targets: Sequence[SparseTarget]) -> torch.Tensor:
     return torch.tensor(sums, dtype=torch.int64)
 
 
+def mask_checksum(targets: Sequence[SparseTarget]) -> str:
+    """One hex digest of every layer's topology (for logs and run summaries)."""
+    total = 0
+    for i, value in enumerate(mask_checksums(targets).tolist()):
+        # position-dependent mixing: swapping two layers' masks changes the digest
+        total = (total * 1_000_003 + (value & 0xFFFFFFFFFFFFFFFF) + i) & 0xFFFFFFFFFFFFFFFF
+    return f"{total:016x}"
+
+
 def check_masks_agree(targets: Sequence[SparseTarget], step: int) -> None:
     """All-reduce the mask checksums; raise MaskDivergenceError if any rank differs."""
     if not is_distributed():
         return
-    local = mask_checksums(targets)
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    lo, hi = local.to(device), local.to(device).clone()
+    local = mask_checksums(targets).to(comm_device())
+    lo, hi = local.clone(), local.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     differs = (lo != hi).cpu()

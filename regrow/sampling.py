@@ -12,6 +12,7 @@ import math
 import torch
 
 from .backends.base import SparseTarget
+from .distributed import all_reduce_sum, global_rows
 
 SAMPLERS = ("uniform", "grabo", "graest")
 _MAX_ROUNDS = 8   # factorised draws that keep hitting the same few pairs stop after this
@@ -90,12 +91,18 @@ def _marginals(target: SparseTarget, kind: str, gen: torch.Generator) -> tuple[t
         g = target.dense_grad().abs()
         return g.sum(1), g.sum(0)
     h, delta = pair
+    # h and delta are this rank's share of the batch (DDP all-reduces p.grad, not these), so
+    # the marginals are summed over ranks before use: every rank then samples the same subset
     if kind == "grabo":
         # Lemma 1: |dL/dw_oi| <= ||delta_o|| ||h_i||; the reference code uses the batch sums of |.|
-        return delta.abs().sum(0), h.abs().sum(0)
-    # graest: an AMS sketch, a = H^T s, d = Delta^T s with one random sign per sample
-    signs = torch.randint(0, 2, (h.shape[0],), generator=gen).to(h.device, h.dtype) * 2 - 1
-    return (signs @ delta).abs(), (signs @ h).abs()
+        return all_reduce_sum(delta.abs().sum(0), h.abs().sum(0))
+    # graest: an AMS sketch, a = H^T s, d = Delta^T s with one random sign per sample; signs are
+    # drawn for the global batch and sliced, so the sketch is the one a single process would make
+    offset, total = global_rows(h.shape[0])
+    signs = torch.randint(0, 2, (total,), generator=gen)[offset:offset + h.shape[0]]
+    signs = signs.to(h.device, h.dtype) * 2 - 1
+    a, d = all_reduce_sum(signs @ delta, signs @ h)
+    return a.abs(), d.abs()
 
 
 def sample_subset(kind: str, target: SparseTarget, m: int, gen: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,280 @@
+"""DDP with rank-identical masks: two gloo processes on CPU.
+
+Every test forks two ranks that share a file-store process group (forking costs ~0.1 s where
+spawning would re-import torch in each child for several seconds). Each rank trains the same
+tiny network wrapped in DistributedDataParallel on its own shard of every global batch; full
+masks are gathered to rank 0 and compared there, and the same run is repeated in this process
+with the whole batch to check that two ranks with batch b equal one process with batch 2b.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from regrow import DynamicSparsity
+from regrow.distributed import (MaskDivergenceError, all_reduce_sum, check_masks_agree, global_rows,
+                                mask_checksum, mask_checksums, unwrap)
+
+WORLD = 2
+BATCH = 12            # per rank; the single-process reference uses WORLD * BATCH
+STEPS = 24            # updates at steps 4, 8, 12, 16 (stop_fraction 0.75 -> no update from 18 on)
+INTERVAL = 4
+N_UPDATES = 4
+
+# name -> (method, options, model)
+SCENARIOS = {
+    "set": ("set", {}, "mlp"),
+    "rigl": ("rigl", {}, "mlp"),
+    "gse": ("gse", {}, "mlp"),
+    "gse-grabo": ("gse", {"sampling": "grabo", "gamma": 0.5}, "mlp"),
+    "gse-graest": ("gse", {"sampling": "graest", "gamma": 0.5}, "mlp"),
+    "dstee": ("dstee", {"c": 1e-2}, "mlp"),
+    "srigl": ("srigl", {}, "mlp"),
+    "rigl-cnn": ("rigl", {}, "cnn"),
+    "srigl-cnn": ("srigl", {}, "cnn"),
+}
+
+
+# -- the launcher ------------------------------------------------------------------------------
+def _entry(rank: int, world: int, store: str, out: str, fn, args) -> None:
+    torch.set_num_threads(1)   # two ranks on a shared 2-core machine; also fork-safe for OpenMP
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = {"ok": True, "value": fn(rank, world, *args)}
+    except Exception as e:  # reported to the test, which asserts on it
+        result = {"ok": False, "type": type(e).__name__, "message": str(e), "trace": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def launch(tmp_path, fn, *args, world: int = WORLD) -> list[dict]:
+    """Run ``fn(rank, world, *args)`` in ``world`` forked ranks; each rank's result or error."""
+    store = tmp_path / "store"
+    mp.start_processes(_entry, args=(world, str(store), str(tmp_path), fn, args), nprocs=world,
+                       start_method="fork")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _value(result: dict):
+    assert result["ok"], f"rank failed: {result.get('trace')}"
+    return result["value"]
+
+
+# -- the training run shared by the ranks and the single-process reference ----------------------
+def make_data(n: int = 2 * WORLD * BATCH * STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable 10-class problem on 1x8x8 inputs (a random linear teacher)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    teacher = torch.randn(64, 10, generator=g)
+    return x, (x.flatten(1) @ teacher).argmax(1)
+
+
+def make_model(kind: str) -> nn.Module:
+    torch.manual_seed(123)   # the same initial weights everywhere (DDP would broadcast them anyway)
+    if kind == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
+                             nn.Linear(32, 10))
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 10))
+
+
+def train(scenario: str, data, *, rank: int = 0, world: int = 1, batch: int = WORLD * BATCH,
+          ddp: bool = False, seed: int = 0, check_masks: bool = True, perturb: tuple | None = None,
+          uneven: int = 0) -> dict:
+    """Train one scenario; this rank sees rows ``[rank * batch, (rank + 1) * batch)`` of each
+    global batch of ``world * batch`` rows. ``perturb=(step, rank, layer)`` rewires one
+    connection of ``layer`` on that rank after that step (a test-only divergence). ``uneven``
+    extra rows go to the last rank (local batch sizes then differ)."""
+    method, options, kind = SCENARIOS[scenario]
+    x, y = data
+    model = make_model(kind)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dst = DynamicSparsity(model, opt, method=method, sparsity=0.8, total_steps=STEPS,
+                          update_interval=INTERVAL, seed=seed, check_masks=check_masks, **options)
+    net = DDP(model) if ddp else model
+    stride = world * batch + uneven
+    for step in range(1, STEPS + 1):
+        lo = (step - 1) * stride + rank * batch
+        hi = lo + batch + (uneven if rank == world - 1 else 0)
+        opt.zero_grad()
+        F.cross_entropy(net(x[lo:hi]), y[lo:hi]).backward()   # mean loss: DDP averages gradients
+        dst.step()
+        if perturb is not None and perturb[0] == step and perturb[1] == rank:
+            target = next(t for t in dst.targets if t.name == perturb[2])
+            drop = target.active_indices()[:1]
+            grow = target.inactive_indices()[:1]
+            target.rewire(drop, grow, torch.zeros(1))
+    return {"masks": {n: m.clone() for n, m in dst.masks.items()},
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "updates": dst.stats()["updates"], "checksum": mask_checksum(dst.targets)}
+
+
+def gather_masks(masks: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]] | None:
+    """Every rank's full masks, on rank 0 (None elsewhere)."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size())]
+    for name, m in masks.items():
+        parts = [torch.empty_like(m, dtype=torch.uint8) for _ in out]
+        dist.all_gather(parts, m.to(torch.uint8))
+        for r, part in enumerate(parts):
+            out[r][name] = part.bool()
+    return out if dist.get_rank() == 0 else None
+
+
+def _run_scenarios(rank: int, world: int, data, names: list[str], kwargs: dict) -> dict:
+    results = {}
+    for name in names:
+        run = train(name, data, rank=rank, world=world, batch=BATCH, ddp=True, **kwargs)
+        results[name] = {"all_masks": gather_masks(run["masks"]), **run}
+    return results
+
+
+# -- rank agreement and equivalence with one process -------------------------------------------
+@pytest.fixture(scope="module")
+def data():
+    return make_data()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(data, tmp_path_factory):
+    ranks = launch(tmp_path_factory.mktemp("ddp"), _run_scenarios, data, list(SCENARIOS), {})
+    return [_value(r) for r in ranks]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_masks_identical_on_every_rank(ddp_runs, scenario):
+    run = ddp_runs[0][scenario]
+    assert run["updates"] == N_UPDATES
+    first, second = run["all_masks"]
+    assert first.keys() == second.keys() and len(first) >= 3
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{scenario}: '{name}' differs between ranks"
+    # the gathered masks are the ones each rank holds, and the ranks' checksums agree
+    for name, mask in run["masks"].items():
+        assert torch.equal(first[name], mask)
+    assert run["checksum"] == ddp_runs[1][scenario]["checksum"]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_ranks_equal_one_process_with_double_batch(ddp_runs, data, scenario):
+    single = train(scenario, data, batch=WORLD * BATCH, seed=0)
+    distributed = ddp_runs[0][scenario]
+    initial = initial_masks(scenario)
+    moved = 0
+    for name, mask in single["masks"].items():
+        assert torch.equal(distributed["masks"][name], mask), f"{scenario}: mask '{name}' differs"
+        moved += int((mask != initial[name]).sum())
+    assert moved > 0, "the topology never changed, so the comparison proves nothing"
+    for name, w in single["weights"].items():
+        torch.testing.assert_close(distributed["weights"][name], w, rtol=1e-4, atol=1e-5)
+
+
+def initial_masks(scenario: str) -> dict[str, torch.Tensor]:
+    method, options, kind = SCENARIOS[scenario]
+    model = make_model(kind)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    dst = DynamicSparsity(model, opt, method=method, sparsity=0.8, total_steps=STEPS,
+                          update_interval=INTERVAL, seed=0, **options)
+    return {n: m.clone() for n, m in dst.masks.items()}
+
+
+def _run_uneven(rank, world, data):
+    run = train("gse-graest", data, rank=rank, world=world, batch=BATCH, ddp=True, uneven=5)
+    return {"all_masks": gather_masks(run["masks"]), "updates": run["updates"]}
+
+
+def test_graest_agrees_with_unequal_local_batches(tmp_path, data):
+    # GraEst draws one sign per sample of the *global* batch; with local batches of 12 and 17
+    # rows every rank must still consume the shared generator identically
+    run = _value(launch(tmp_path, _run_uneven, data)[0])
+    assert run["updates"] == N_UPDATES
+    first, second = run["all_masks"]
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+# -- divergence is caught ------------------------------------------------------------------------
+def _run_diverging(rank, world, data, kwargs):
+    run = train("rigl", data, rank=rank, world=world, batch=BATCH, **kwargs)
+    return {"all_masks": gather_masks(run["masks"])}
+
+
+def test_perturbed_rank_is_caught_naming_the_layer(tmp_path, data):
+    # rank 1 rewires one connection of the middle layer after step 2; the update at step 4 checks
+    kwargs = {"ddp": True, "perturb": (2, 1, "3.weight")}
+    for result in launch(tmp_path, _run_diverging, data, kwargs):
+        assert not result["ok"] and result["type"] == "MaskDivergenceError"
+        assert "step 4" in result["message"] and "layer '3.weight'" in result["message"]
+
+
+def test_check_can_be_switched_off(tmp_path, data):
+    kwargs = {"ddp": True, "perturb": (2, 1, "3.weight"), "check_masks": False}
+    first, second = _value(launch(tmp_path, _run_diverging, data, kwargs)[0])["all_masks"]
+    # the divergence was real: it was only not checked
+    assert torch.equal(first["1.weight"], second["1.weight"])
+    assert not torch.equal(first["3.weight"], second["3.weight"])
+
+
+def test_rank_dependent_seed_is_caught(tmp_path, data):
+    def seeded_by_rank(rank, world, data):
+        return train("set", data, rank=rank, world=world, batch=BATCH, ddp=True, seed=rank)
+    for result in launch(tmp_path, seeded_by_rank, data):
+        assert result["type"] == "MaskDivergenceError"
+        assert "layer '1.weight'" in result["message"]
+
+
+def test_unsynchronised_gradients_are_caught(tmp_path, data):
+    # forgetting the DDP wrapper: each rank grows by its own shard's gradient
+    for result in launch(tmp_path, _run_diverging, data, {"ddp": False}):
+        assert result["type"] == "MaskDivergenceError"
+        assert "step 4" in result["message"]
+
+
+# -- the helpers -------------------------------------------------------------------------------
+def _helpers(rank, world):
+    local = 3 if rank == 0 else 5
+    a = torch.full((4,), float(rank + 1))
+    b = torch.arange(6, dtype=torch.bfloat16).view(2, 3) * (rank + 1)
+    sa, sb = all_reduce_sum(a, b)
+    return {"rows": global_rows(local), "a": sa, "b": sb}
+
+
+def test_helpers_across_ranks(tmp_path):
+    first, second = (_value(r) for r in launch(tmp_path, _helpers))
+    assert first["rows"] == (0, 8) and second["rows"] == (3, 8)
+    for res in (first, second):
+        assert torch.equal(res["a"], torch.full((4,), 3.0))
+        assert res["b"].dtype == torch.bfloat16 and res["b"].shape == (2, 3)
+        assert torch.equal(res["b"], torch.arange(6, dtype=torch.bfloat16).view(2, 3) * 3)
+
+
+def test_helpers_are_identities_in_one_process():
+    t = torch.randn(5)
+    (same,) = all_reduce_sum(t)
+    assert same is t
+    assert global_rows(7) == (0, 7)
+    model = nn.Linear(2, 2)
+    assert unwrap(model) is model and unwrap(nn.DataParallel(model)) is model
+    check_masks_agree([], step=1)   # no process group: nothing to compare, no error
+
+
+def test_checksum_sees_every_change(data):
+    run = train("set", data)
+    model = make_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = DynamicSparsity(model, opt, method="set", sparsity=0.8, total_steps=STEPS, seed=0)
+    before, digest = mask_checksums(dst.targets), mask_checksum(dst.targets)
+    t = dst.targets[1]
+    t.rewire(t.active_indices()[:1], t.inactive_indices()[:1], torch.zeros(1))
+    after = mask_checksums(dst.targets)
+    assert before[1] != after[1] and torch.equal(before[[0, 2]], after[[0, 2]])
+    assert mask_checksum(dst.targets) != digest
+    assert isinstance(run["checksum"], str) and len(run["checksum"]) == 16
