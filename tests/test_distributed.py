@@ -8,7 +8,9 @@ with the whole batch to check that two ranks with batch b equal one process with
 """
 from __future__ import annotations
 
+import math
 import os
+import socket
 import traceback
 
 import pytest
@@ -16,10 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from regrow import DynamicSparsity
+from regrow.ddp_train import (Group, epoch_batches, process_group_from_env, steps_per_epoch, sum_over_ranks,
+                              wrap)
 from regrow.distributed import (MaskDivergenceError, all_reduce_sum, check_masks_agree, global_rows,
                                 mask_checksum, mask_checksums, unwrap)
 
@@ -278,3 +284,64 @@ def test_checksum_sees_every_change(data):
     assert before[1] != after[1] and torch.equal(before[[0, 2]], after[[0, 2]])
     assert mask_checksum(dst.targets) != digest
     assert isinstance(run["checksum"], str) and len(run["checksum"]) == 16
+
+
+# -- the torchrun training helpers (regrow.ddp_train) ---------------------------------------------
+@given(n=st.integers(1, 500), per_rank=st.integers(1, 40), world=st.integers(1, 4), epoch=st.integers(0, 3))
+def test_rank_batches_tile_the_single_process_batches(n, per_rank, world, epoch):
+    batch = per_rank * world
+    groups = [Group(rank=r, world_size=world) for r in range(world)]
+    shards = [epoch_batches(n, batch, 5, epoch, g) for g in groups]
+    single = epoch_batches(n, batch, 5, epoch, Group())
+    steps = steps_per_epoch(n, batch, groups[0])
+    assert steps == math.ceil(n / batch) == len(single)
+    assert all(len(s) == steps for s in shards)   # every rank steps the same number of times
+    for j in range(steps):
+        together = torch.cat([s[j] for s in shards])
+        assert len({len(s[j]) for s in shards}) == 1
+        if j < steps - 1:
+            assert sorted(together.tolist()) == sorted(single[j].tolist())
+        else:   # the sampler pads by wrapping round: up to world - 1 extra samples of this epoch
+            assert set(single[j].tolist()) <= set(together.tolist())
+            assert len(together) - len(single[j]) == math.ceil(n / world) * world - n
+
+
+def test_batch_size_must_split_evenly():
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        epoch_batches(100, 30, 0, 0, Group(rank=0, world_size=4))
+
+
+def _from_env(rank, world, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.destroy_process_group()   # the launcher's group: join the one torchrun would describe
+    with process_group_from_env() as group:
+        sums = sum_over_ranks(rank + 1.5, 10)
+        joined = (group.rank, group.world_size, group.backend, group.device.type, group.is_main)
+        model = wrap(nn.Linear(2, 2), group)
+    created_and_destroyed = not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{os.environ['REGROW_TEST_STORE']}_2",
+                            rank=rank, world_size=world)   # so the launcher can tear down
+    return {"sums": sums, "joined": joined, "ddp": isinstance(model, DDP), "closed": created_and_destroyed}
+
+
+def test_process_group_from_torchrun_environment(tmp_path, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("REGROW_TEST_STORE", str(tmp_path / "store"))
+    results = [_value(r) for r in launch(tmp_path, _from_env, port)]
+    for rank, res in enumerate(results):
+        assert res["sums"] == (4.0, 20.0)
+        assert res["joined"] == (rank, 2, "gloo", "cpu", rank == 0)
+        assert res["ddp"] and res["closed"]
+
+
+def test_one_process_is_a_group_of_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with process_group_from_env() as group:
+        assert (group.rank, group.world_size, group.is_main, group.distributed) == (0, 1, True, False)
+        model = nn.Linear(2, 2)
+        assert wrap(model, group) is model
+        assert sum_over_ranks(1.0, 2.0) == (1.0, 2.0)
+    assert not dist.is_initialized()
