@@ -286,6 +286,10 @@ class CSRLinear(nn.Module):
                                                 max=nnz).to(idt))
         self.register_load_state_dict_post_hook(_validate_after_load)
 
+    @property
+    def index_dtype(self) -> torch.dtype:
+        return self.col_indices.dtype
+
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                    index_dtype: torch.dtype | str | None = "int32") -> "CSRLinear":

@@ -1,0 +1,820 @@
+"""Export a sparse-trained model for inference, and save/load exports without pickle.
+
+``export(model, dst_or_masks, format)`` returns a deep copy in eval mode with the masks baked in:
+
+- ``"dense"``: the same modules, masked weights zeroed.
+- ``"csr"``: every masked ``nn.Linear`` becomes a ``regrow.nn.CSRLinear``; other layers dense.
+- ``"condensed"`` (SRigL): ablated neurons (all-False mask rows) are removed, together with the
+  matching inputs of the layer that consumes them, wherever the traced graph (torch.fx) proves
+  the path between the two is a chain of per-feature operations (activations, dropout,
+  batch norm, pooling, flatten); an ablated neuron still outputs ``act(bias)``, and that
+  constant is folded into the consumer's bias before its columns go. Then each masked
+  ``nn.Linear`` with constant fan-in over its active rows becomes a ``CondensedLinear``
+  (rows that lost inputs to an upstream removal are zero-padded), one with varying fan-in
+  becomes ``CSRLinear`` if its density is at most ``csr_max_density`` and stays dense
+  otherwise. Convolutions stay dense with masks applied: a condensed convolution measured
+  slower than torch's dense one here (see ``benchmarks/inference.py``), but their ablated
+  output channels are removed where the graph allows.
+
+Where a removal cannot be proven safe (untraceable forward, a neuron feeding a residual sum or
+two consumers, a nonzero constant entering a zero-padded convolution), the layer keeps its
+width and the report says why. The returned module carries ``regrow_export_report``: one dict
+per layer with keys ``name``, ``kind``, ``format``, ``shape``, ``nnz``, ``params``, ``bytes``,
+``notes``; ``format_report`` renders it as a table.
+
+``save_exported(module, path)`` writes ``path.safetensors`` (tensors) and ``path.json`` (an
+architecture spec); ``load_exported(path)`` rebuilds the module from the spec (a registry of
+known layer types, never unpickled code) and loads the tensors. The spec describes the
+architecture in one of two ways:
+
+- ``tree``: the module is an ``nn.Sequential`` (possibly nested) of known layers; the spec lists
+  every layer with its constructor arguments.
+- ``regrow.models``: the module was built by ``regrow.models.build(name, num_classes, in_shape,
+  **options)`` (recorded in ``module.regrow_arch`` or passed as ``arch=``); the spec records
+  those arguments plus every layer that differs from a freshly built model (replaced by a
+  Condensed/CSR layer, or resized by neuron removal), and loading rebuilds the model and swaps
+  those layers in. This covers models whose forward is code (ResNets) without storing code.
+
+The safetensors metadata holds SHA-256 digests of the spec and of the tensor data, so a
+corrupted file, or a spec from another export, is a ``ValueError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .nn.condensed import CondensedLinear, CSRLinear, has_constant_fan_in
+
+__all__ = ["FORMATS", "export", "format_report", "save_exported", "load_exported", "export_run"]
+
+FORMATS = ("condensed", "csr", "dense")
+SPEC_FORMAT = "regrow-exported"
+SPEC_VERSION = 1
+
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
+    F.silu, F.mish, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, torch.tanh, torch.sigmoid,
+}  # not F.dropout: its ``training`` argument defaults to True even in eval mode
+_ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# a constant map stays the same constant through these (max pools pad with -inf)
+_CONSTANT_PRESERVING_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d,
+                              nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+def export(model: nn.Module, dst_or_masks: Any, format: str = "condensed", *,
+           csr_max_density: float = 0.1) -> nn.Module:
+    """A plain inference copy of ``model`` with its masks baked in (see the module docstring).
+
+    Args:
+        model: the trained model (left untouched).
+        dst_or_masks: a ``regrow.DynamicSparsity`` (its ``masks`` are used) or a dict mapping
+            parameter names (as in ``model.named_parameters()``) to bool masks of their shapes.
+        format: ``"condensed"``, ``"csr"`` or ``"dense"``.
+        csr_max_density: in condensed mode, a masked linear layer without constant fan-in becomes
+            CSR at or below this density, and stays dense above it.
+
+    Returns:
+        A deep copy in eval mode, with ``regrow_export_report`` (list of per-layer dicts).
+
+    Raises:
+        ValueError: unknown format, or masks that do not match the model's parameters.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if not 0.0 <= csr_max_density <= 1.0:
+        raise ValueError(f"csr_max_density must be in [0, 1], got {csr_max_density}")
+    masks = _resolve_masks(model, dst_or_masks)
+    out = copy.deepcopy(model)
+    _strip_training_state(out)
+    out.eval()
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask.to(params[name].device))
+    state = _ExportState(out, {n: m.to(params[n].device) for n, m in masks.items()})
+    if format == "condensed":
+        state.remove_ablated()
+    out = state.convert(format, csr_max_density)
+    out.regrow_export_report = state.report(out)
+    return out
+
+
+def _resolve_masks(model: nn.Module, dst_or_masks: Any) -> dict[str, torch.Tensor]:
+    masks = getattr(dst_or_masks, "masks", dst_or_masks)
+    if not isinstance(masks, Mapping):
+        raise ValueError(f"expected a DynamicSparsity or a dict of masks, got {type(dst_or_masks).__name__}")
+    params = dict(model.named_parameters())
+    resolved = {}
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"mask '{name}' names no parameter of the model")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(params[name].shape):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask '{name}' has shape {shape}, parameter has {tuple(params[name].shape)}")
+        resolved[name] = mask.detach().to(torch.bool)
+    return resolved
+
+
+def _strip_training_state(model: nn.Module) -> None:
+    """Drop gradients, parametrizations and regrow's own hooks (activation capture) from a copy."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for pname in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+        for hooks_name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            hooks = getattr(module, hooks_name, {})
+            for key, fn in list(hooks.items()):
+                owner = getattr(fn, "__self__", None)
+                if owner is not None and type(owner).__module__.startswith("regrow."):
+                    del hooks[key]
+                    for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                                  "_forward_pre_hooks_with_kwargs"):
+                        getattr(module, extra, {}).pop(key, None)
+    for p in model.parameters():
+        p.grad = None
+
+
+def _is_plain_linear(m: nn.Module) -> bool:
+    # subclasses that override forward (or MultiheadAttention's out_proj, read by its parent
+    # without calling it) must keep their class
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+def _is_plain_conv(m: nn.Module) -> bool:
+    return isinstance(m, _CONVS) and type(m).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+@dataclass
+class _Chain:
+    """producer -> per-feature ops -> consumer, proven by the traced graph."""
+
+    producer: str
+    ops: list[fx.Node]
+    consumer: str
+    group: int = 1           # consumer inputs per producer feature (conv -> flatten -> linear)
+    padded: bool = False     # consumer is a zero-padded conv: only zero constants can be folded
+
+
+@dataclass
+class _LayerNote:
+    notes: list[str] = field(default_factory=list)
+    format: str = "dense"
+
+
+class _ExportState:
+    """The copy being exported, its current masks, and what happened to each layer."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        self.model = model
+        self.masks = masks
+        self.original_masks = dict(masks)  # removals replace entries of self.masks, never these
+        self.modules = dict(model.named_modules())
+        self.layer: dict[str, _LayerNote] = {}
+        self.replaced: dict[str, nn.Module] = {}
+        parents = {f"{name}.{child}" if name else child: m for name, m in self.modules.items()
+                   for child, _ in m.named_children()}
+        self.layers = [n for n, m in self.modules.items()
+                       if (_is_plain_linear(m) or _is_plain_conv(m)) and not isinstance(parents.get(n), nn.MultiheadAttention)]
+        for n in self.layers:
+            self.layer[n] = _LayerNote()
+
+    def mask_of(self, name: str) -> torch.Tensor | None:
+        return self.masks.get(f"{name}.weight" if name else "weight")
+
+    def note(self, name: str, text: str) -> None:
+        self.layer.setdefault(name, _LayerNote()).notes.append(text)
+
+    # -- neuron removal ------------------------------------------------------------------
+    def remove_ablated(self) -> None:
+        ablated = {}
+        for name in self.layers:
+            mask = self.mask_of(name)
+            if mask is not None:
+                dead = ~mask.reshape(mask.shape[0], -1).any(1)
+                if bool(dead.any()):
+                    ablated[name] = dead
+        if not ablated:
+            return
+        try:
+            graph = fx.symbolic_trace(self.model).graph
+        except Exception as exc:  # any tracing failure means: no proof, keep widths
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            for name, dead in ablated.items():
+                self.note(name, f"{int(dead.sum())} ablated neurons kept in place (forward not traceable by "
+                                f"torch.fx: {reason})")
+            return
+        calls: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for node in graph.nodes:  # graph order: a producer's bias is final before its own removal
+            if node.op != "call_module" or node.target not in ablated:
+                continue
+            name = node.target
+            chain = self._find_chain(node, calls)
+            if isinstance(chain, str):
+                self.note(name, f"{int(ablated[name].sum())} ablated neurons kept in place ({chain})")
+                continue
+            self._remove(chain, ablated[name])
+
+    def _find_chain(self, node: fx.Node, calls: dict[str, int]) -> _Chain | str:
+        name = node.target
+        producer = self.modules[name]
+        if calls.get(name, 0) != 1:
+            return "the layer is called more than once"
+        is_conv = isinstance(producer, _CONVS)
+        ops: list[fx.Node] = []
+        flattened = False
+        cur = node
+        while True:
+            if len(cur.users) != 1:
+                return "its output has several consumers" if cur.users else "its output is unused"
+            nxt = next(iter(cur.users))
+            if not _only_input(nxt, cur):
+                return f"its output meets other tensors at '{nxt.name}' (e.g. a residual sum)"
+            if nxt.op == "call_module":
+                mod = self.modules[nxt.target]
+                if (_is_plain_linear(mod) and (not is_conv or flattened)) or (
+                        is_conv and not flattened and _is_plain_conv(mod) and type(mod) is type(producer)):
+                    break
+                if calls.get(nxt.target, 0) != 1 and not isinstance(mod, _ELEMENTWISE_MODULES):
+                    return f"'{nxt.target}' is called more than once"
+                ok = self._op_ok(mod, is_conv, flattened)
+                if ok is None:
+                    return f"'{nxt.target}' ({type(mod).__name__}) is not a per-feature operation"
+                flattened = flattened or ok == "flatten"
+            elif nxt.op == "call_function" and nxt.target in _ELEMENTWISE_FUNCTIONS:
+                pass
+            elif nxt.op == "call_function" and nxt.target is torch.flatten and _flatten_from_1(nxt):
+                flattened = True
+            elif nxt.op == "call_method" and nxt.target in _ELEMENTWISE_METHODS:
+                pass
+            elif nxt.op == "output":
+                return "it is the model's output"
+            else:
+                return f"its output reaches '{nxt.name}' ({nxt.op} {getattr(nxt.target, '__name__', nxt.target)})"
+            ops.append(nxt)
+            cur = nxt
+        consumer_name = nxt.target
+        consumer = self.modules[consumer_name]
+        if calls.get(consumer_name, 0) != 1:
+            return f"its consumer '{consumer_name}' is called more than once"
+        features = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+        if isinstance(consumer, nn.Linear):
+            if consumer.in_features % features:
+                return f"consumer '{consumer_name}' has {consumer.in_features} inputs for {features} features"
+            group = consumer.in_features // features
+            if group != 1 and not (is_conv and flattened):
+                return f"consumer '{consumer_name}' input size does not match"
+            return _Chain(name, ops, consumer_name, group=group)
+        if consumer.groups != 1 or consumer.in_channels != features:
+            return f"consumer '{consumer_name}' is grouped or has another channel count"
+        padded = consumer.padding == "same" or any(p != 0 for p in consumer.padding)
+        return _Chain(name, ops, consumer_name, padded=padded)
+
+    def _op_ok(self, mod: nn.Module, is_conv: bool, flattened: bool) -> str | None:
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            return "elementwise"
+        if isinstance(mod, _BATCHNORMS) and not flattened:
+            # eval-mode batch norm with running statistics is a per-feature affine map
+            return "batchnorm" if mod.track_running_stats and mod.running_mean is not None else None
+        if is_conv and not flattened:
+            if isinstance(mod, _CONSTANT_PRESERVING_POOLS):
+                return "pool"
+            if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+                pad = mod.padding if isinstance(mod.padding, tuple) else (mod.padding,)
+                return "pool" if all(p == 0 for p in pad) or not mod.count_include_pad else None
+        if isinstance(mod, nn.Flatten):
+            if mod.end_dim == -1 and mod.start_dim == 1:
+                return "flatten"
+        return None
+
+    def _constants(self, chain: _Chain) -> torch.Tensor:
+        """What each producer feature outputs after the chain when its weights are all zero."""
+        producer = self.modules[chain.producer]
+        n = producer.weight.shape[0]
+        t = producer.bias.detach().clone() if producer.bias is not None else producer.weight.new_zeros(n)
+        t = t.reshape(1, n, *([1] * (producer.weight.dim() - 2)))
+        with torch.no_grad():
+            for op in chain.ops:  # pools and flattens leave a per-feature constant unchanged
+                if op.op == "call_module":
+                    mod = self.modules[op.target]
+                    if isinstance(mod, _ELEMENTWISE_MODULES + _BATCHNORMS):
+                        t = mod(t)
+                elif op.op == "call_function" and op.target is not torch.flatten:
+                    t = op.target(t, *op.args[1:], **op.kwargs)  # _only_input: args[0] is the chain
+                elif op.op == "call_method":
+                    t = getattr(t, op.target)(*op.args[1:], **op.kwargs)
+        return t.reshape(-1)
+
+    def _remove(self, chain: _Chain, dead: torch.Tensor) -> None:
+        producer, consumer = self.modules[chain.producer], self.modules[chain.consumer]
+        const = self._constants(chain).to(producer.weight.dtype)
+        removable = dead.clone()
+        if chain.padded:
+            removable &= const == 0
+        if bool(removable.all()):
+            removable[0] = False  # keep one (constant) feature rather than build zero-width layers
+        n_dead, n_rm = int(dead.sum()), int(removable.sum())
+        if n_rm == 0:
+            self.note(chain.producer, f"{n_dead} ablated channels kept in place (nonzero constant output "
+                                      f"into zero-padded '{chain.consumer}')")
+            return
+        keep = ~removable
+        with torch.no_grad():
+            # fold the removed features' constant contribution into the consumer's bias
+            w = consumer.weight
+            if isinstance(consumer, nn.Linear):
+                w3 = w.reshape(w.shape[0], -1, chain.group)
+                fold = (w3[:, removable, :] * const[removable].view(1, -1, 1)).sum((1, 2))
+                cols = keep.repeat_interleave(chain.group)
+                new_w = w[:, cols]
+            else:
+                fold = (w[:, removable] * const[removable].view(1, -1, *([1] * (w.dim() - 2)))).sum(
+                    tuple(range(1, w.dim())))
+                cols = keep
+                new_w = w[:, keep]
+            if consumer.bias is None and bool((fold != 0).any()):
+                consumer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                             requires_grad=w.requires_grad)
+            if consumer.bias is not None:
+                consumer.bias.add_(fold)
+            consumer.weight = nn.Parameter(new_w.contiguous(), requires_grad=w.requires_grad)
+            if isinstance(consumer, nn.Linear):
+                consumer.in_features = new_w.shape[1]
+            else:
+                consumer.in_channels = new_w.shape[1]
+            cmask = self.mask_of(chain.consumer)
+            if cmask is not None:
+                self.masks[f"{chain.consumer}.weight"] = cmask[:, cols].contiguous()
+            # the producer loses the rows, batch norms on the way their entries
+            producer.weight = nn.Parameter(producer.weight[keep].contiguous(),
+                                           requires_grad=producer.weight.requires_grad)
+            if producer.bias is not None:
+                producer.bias = nn.Parameter(producer.bias[keep].contiguous(),
+                                             requires_grad=producer.bias.requires_grad)
+            if isinstance(producer, nn.Linear):
+                producer.out_features = int(keep.sum())
+            else:
+                producer.out_channels = int(keep.sum())
+            self.masks[f"{chain.producer}.weight"] = self.mask_of(chain.producer)[keep].contiguous()
+            for op in chain.ops:
+                if op.op == "call_module" and isinstance(self.modules[op.target], _BATCHNORMS):
+                    _slice_batchnorm(self.modules[op.target], keep)
+                    self.note(op.target, f"{n_rm} entries removed with '{chain.producer}'")
+        msg = f"removed {n_rm} ablated neurons and the matching inputs of '{chain.consumer}'"
+        if n_rm < n_dead:
+            msg += f"; {n_dead - n_rm} kept (nonzero constant output into zero-padded '{chain.consumer}')"
+        self.note(chain.producer, msg)
+        self.note(chain.consumer, f"{n_rm * chain.group} inputs removed (ablated in '{chain.producer}'); "
+                                  "their constant contribution folded into the bias")
+
+    # -- format conversion ---------------------------------------------------------------
+    def convert(self, format: str, csr_max_density: float) -> nn.Module:
+        root = self.model
+        for name in self.layers:
+            module = self.modules[name]
+            mask = self.mask_of(name)
+            rec = self.layer[name]
+            if mask is None:
+                rec.notes.append("no mask (dense layer)")
+                continue
+            if isinstance(module, _CONVS):
+                if format == "csr":
+                    rec.notes.append("conv: dense with mask applied (csr covers linear layers)")
+                elif format == "condensed":
+                    rec.notes.append("conv: dense with mask applied (condensed conv measured slower)")
+                continue
+            if format == "dense":
+                rec.notes.append("mask applied")
+                continue
+            density = float(mask.float().mean()) if mask.numel() else 1.0
+            # constant fan-in is judged on the trained mask, before upstream removals took columns
+            original = self.original_masks[f"{name}.weight" if name else "weight"]
+            if format == "condensed" and has_constant_fan_in(original):
+                new = CondensedLinear.from_dense(module.weight, mask, module.bias)
+                rec.format = "condensed"
+                padded = int(new.rows * new.fan_in - mask.sum())
+                if padded:
+                    rec.notes.append(f"{padded} padding slots (rows that lost inputs to an upstream removal)")
+                if new.row_index is not None:
+                    rec.notes.append(f"{new.out_features - new.rows} ablated outputs kept (output = bias)")
+            elif format == "csr" or density <= csr_max_density:
+                new = CSRLinear.from_dense(module.weight, mask, module.bias)
+                rec.format = "csr"
+                if format == "condensed":
+                    rec.notes.append(f"fan-in not constant: csr (density {density:.3f} <= {csr_max_density})")
+            else:
+                rec.notes.append(f"fan-in not constant and density {density:.3f} > {csr_max_density}: dense")
+                continue
+            if name == "":
+                root = new
+            else:
+                self.model.set_submodule(name, new)
+            self.replaced[name] = new
+        return root
+
+    def report(self, root: nn.Module) -> list[dict]:
+        rows = []
+        modules = dict(root.named_modules())
+        for name in self.layers:
+            module = modules.get(name) if name else root
+            mask = self.mask_of(name)
+            rec = self.layer[name]
+            tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            if isinstance(module, CondensedLinear):
+                shape = [module.out_features, module.in_features]
+            elif isinstance(module, CSRLinear):
+                shape = [module.out_features, module.in_features]
+            else:
+                shape = list(module.weight.shape)
+            nnz = int(mask.sum()) if mask is not None else int(torch.count_nonzero(module.weight))
+            rows.append({
+                "name": name or "(root)", "kind": type(self.modules[name]).__name__, "format": rec.format,
+                "shape": shape, "nnz": nnz, "params": int(params),
+                "bytes": int(sum(t.numel() * t.element_size() for t in tensors)),
+                "notes": "; ".join(rec.notes),
+            })
+        for name, rec in self.layer.items():
+            if name not in self.layers:  # batch norms touched by removals
+                rows.append({"name": name, "kind": type(self.modules[name]).__name__, "format": "dense",
+                             "shape": [], "nnz": 0,
+                             "params": int(sum(p.numel() for p in self.modules[name].parameters(recurse=False))),
+                             "bytes": int(sum(t.numel() * t.element_size()
+                                              for t in [*self.modules[name].parameters(recurse=False),
+                                                        *self.modules[name].buffers(recurse=False)])),
+                             "notes": "; ".join(rec.notes)})
+        masked_elsewhere = [n for n in self.masks if n.rsplit(".", 1)[0] not in self.layers
+                            and not (n == "weight" and "" in self.layers)]
+        for pname in masked_elsewhere:
+            mask = self.masks[pname]
+            rows.append({"name": pname, "kind": "parameter", "format": "dense", "shape": list(mask.shape),
+                         "nnz": int(mask.sum()), "params": mask.numel(), "bytes": mask.numel() * 4,
+                         "notes": "mask applied to the dense parameter"})
+        return rows
+
+
+def _only_input(node: fx.Node, source: fx.Node) -> bool:
+    """``node`` takes ``source`` as its first argument and no other graph value."""
+    if not node.args or node.args[0] is not source:
+        return False
+    others = list(node.args[1:]) + list(node.kwargs.values())
+    found: list[fx.Node] = []
+    fx.node.map_arg(others, lambda a: found.append(a))
+    return not found
+
+
+def _flatten_from_1(node: fx.Node) -> bool:
+    args = list(node.args[1:])
+    start = args[0] if args else node.kwargs.get("start_dim", 0)
+    end = args[1] if len(args) > 1 else node.kwargs.get("end_dim", -1)
+    return start == 1 and end == -1
+
+
+def _slice_batchnorm(bn: nn.Module, keep: torch.Tensor) -> None:
+    with torch.no_grad():
+        if bn.weight is not None:
+            bn.weight = nn.Parameter(bn.weight[keep].contiguous(), requires_grad=bn.weight.requires_grad)
+            bn.bias = nn.Parameter(bn.bias[keep].contiguous(), requires_grad=bn.bias.requires_grad)
+        bn.running_mean = bn.running_mean[keep].contiguous()
+        bn.running_var = bn.running_var[keep].contiguous()
+    bn.num_features = int(keep.sum())
+
+
+def format_report(report: Iterable[dict]) -> str:
+    """The export report as a fixed-width table (one row per layer)."""
+    rows = list(report)
+    head = ["layer", "kind", "format", "shape", "nnz", "params", "bytes", "notes"]
+    body = [[r["name"], r["kind"], r["format"], "x".join(map(str, r["shape"])) or "-", str(r["nnz"]),
+             str(r["params"]), str(r["bytes"]), r["notes"]] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    widths[-1] = 0
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths[:-1]] + ["-----"])] + [fmt(b) for b in body])
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------------------------
+def _registry() -> dict[str, type[nn.Module]]:
+    """Layer types a spec may name: containers, torch layers, regrow's inference layers."""
+    types: list[type[nn.Module]] = [
+        nn.Sequential, nn.Linear, *_CONVS, *_BATCHNORMS, nn.LayerNorm, nn.GroupNorm, nn.Flatten, nn.Unflatten,
+        nn.Softmax, nn.LogSoftmax, *_ELEMENTWISE_MODULES, *_CONSTANT_PRESERVING_POOLS,
+        nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, CondensedLinear, CSRLinear,
+    ]
+    return {t.__name__: t for t in types}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot describe {value!r} in JSON")
+
+
+def _from_json(value: Any) -> Any:
+    return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
+
+
+def _module_config(module: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of a registry layer, read back from its attributes."""
+    cfg: dict[str, Any] = {}
+    for p in list(inspect.signature(type(module).__init__).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
+            continue
+        if p.name == "bias" and isinstance(getattr(module, "bias", None), (torch.Tensor, type(None))):
+            cfg["bias"] = module.bias is not None
+        elif p.name == "index_dtype":
+            cfg["index_dtype"] = _jsonable(module.index_dtype)
+        elif hasattr(module, p.name):
+            try:
+                cfg[p.name] = _jsonable(getattr(module, p.name))
+            except TypeError:
+                raise ValueError(f"cannot save {type(module).__name__}: option {p.name} is not JSON") from None
+        elif p.default is inspect.Parameter.empty:
+            raise ValueError(f"cannot save {type(module).__name__}: no attribute for argument {p.name}")
+    return cfg
+
+
+def _describe(module: nn.Module, path: str) -> dict[str, Any]:
+    kind = type(module).__name__
+    if _registry().get(kind) is not type(module):
+        hint = "" if path else ("; pass arch= (regrow.models.build arguments) or set module.regrow_arch, "
+                                "or use an nn.Sequential of known layers")
+        raise ValueError(f"cannot save module '{path or '(root)'}' of type {kind}: not a known layer type{hint}")
+    if isinstance(module, nn.Sequential):
+        return {"type": "Sequential", "children": [[n, _describe(c, f"{path}.{n}" if path else n)]
+                                                   for n, c in module.named_children()]}
+    if any(True for _ in module.children()):
+        raise ValueError(f"cannot save module '{path}' of type {kind}: it has submodules")
+    return {"type": kind, "config": _module_config(module)}
+
+
+def _construct(desc: Mapping[str, Any], where: str) -> nn.Module:
+    reg = _registry()
+    kind = desc.get("type") if isinstance(desc, Mapping) else None
+    if kind not in reg:
+        raise ValueError(f"{where}: unknown layer type {kind!r} in the spec")
+    if kind == "Sequential":
+        seq = nn.Sequential()
+        for name, child in desc.get("children", []):
+            seq.add_module(str(name), _construct(child, where))
+        return seq
+    raw = dict(desc.get("config", {}))
+    config = {k: _from_json(v) for k, v in raw.items()}
+    try:
+        module = reg[kind](**config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot build {kind} from {config}: {exc}") from None
+    if _module_config(module) != raw:
+        raise ValueError(f"{where}: {kind} built from the spec does not match it ({config})")
+    return module
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def _data_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _arch_of(module: nn.Module, arch: Mapping[str, Any] | None) -> dict[str, Any]:
+    arch = arch if arch is not None else getattr(module, "regrow_arch", None)
+    if arch is None:
+        return {"kind": "tree", "tree": _describe(module, "")}
+    missing = {"name", "num_classes", "in_shape"} - set(arch)
+    if missing:
+        raise ValueError(f"arch needs name, num_classes and in_shape (regrow.models.build args); missing {sorted(missing)}")
+    return {"kind": "regrow.models", "name": str(arch["name"]), "num_classes": int(arch["num_classes"]),
+            "in_shape": [int(s) for s in arch["in_shape"]], "options": _jsonable_options(arch.get("options", {}))}
+
+
+def _jsonable_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        return {str(k): _jsonable(v) for k, v in dict(options).items()}
+    except TypeError as exc:
+        raise ValueError(f"model options must be JSON values: {exc}") from None
+
+
+def _build_arch(arch: Mapping[str, Any]) -> nn.Module:
+    from . import models  # the model zoo is needed only for exports of its models
+
+    options = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in arch.get("options", {}).items()}
+    return models.build(arch["name"], arch["num_classes"], tuple(arch["in_shape"]), **options)
+
+
+def _leaves(module: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_modules() if n and not any(True for _ in m.children())}
+
+
+def save_exported(module: nn.Module, path: str | Path, *, arch: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``module`` as ``<path>.safetensors`` + ``<path>.json`` (no pickle).
+
+    Args:
+        module: an exported module (any module built from known layer types also works).
+        path: file stem; a ``.safetensors`` or ``.json`` suffix is replaced.
+        arch: ``regrow.models.build`` arguments ``{"name", "num_classes", "in_shape", "options"}``;
+            defaults to ``module.regrow_arch``. Without either the module must be a (nested)
+            ``nn.Sequential`` of known layers.
+
+    Returns:
+        ``{"weights": Path, "spec": Path, "bytes": int}`` (bytes of both files).
+
+    Raises:
+        ValueError: a layer the spec cannot describe.
+    """
+    from safetensors.torch import save_file
+
+    weights_path, spec_path = _paths(path)
+    spec_arch = _arch_of(module, arch)
+    replaced: dict[str, Any] = {}
+    if spec_arch["kind"] == "regrow.models":
+        skeleton = _build_arch(spec_arch)
+        skeleton_modules = dict(skeleton.named_modules())
+        for name, leaf in _leaves(module).items():
+            base = skeleton_modules.get(name)
+            if base is None:
+                raise ValueError(f"module '{name}' does not exist in {spec_arch['name']}; cannot save it as a "
+                                 "modification of that architecture")
+            if type(base) is type(leaf) and _registry().get(type(leaf).__name__) is not type(leaf):
+                continue  # a model-specific layer export never changes (its tensors are checked on load)
+            desc = _describe(leaf, name)
+            if type(base) is not type(leaf) or _describe_or_none(base) != desc:
+                replaced[name] = desc
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    spec = {
+        "format": SPEC_FORMAT, "version": SPEC_VERSION, "arch": spec_arch, "replaced": replaced,
+        "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)} for k, v in tensors.items()},
+        "report": getattr(module, "regrow_export_report", None),
+    }
+    spec_text = json.dumps(spec, indent=1, sort_keys=True)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(spec_text)
+    save_file(tensors, str(weights_path), metadata={
+        "format": f"{SPEC_FORMAT}/{SPEC_VERSION}",
+        "spec_sha256": hashlib.sha256(spec_text.encode()).hexdigest(),
+        "data_sha256": _data_digest(tensors),
+    })
+    return {"weights": weights_path, "spec": spec_path,
+            "bytes": weights_path.stat().st_size + spec_path.stat().st_size}
+
+
+def _describe_or_none(module: nn.Module) -> dict[str, Any] | None:
+    try:
+        return _describe(module, "")
+    except ValueError:
+        return None
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """Rebuild a module written by ``save_exported`` (``path``: the stem or either file).
+
+    Returns:
+        The module in eval mode, with ``regrow_export_report`` (and ``regrow_arch``) restored.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a corrupted file, or a spec and tensors that do not belong together;
+            the message names the file and what did not match.
+    """
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights_path, spec_path = _paths(path)
+    for p in (weights_path, spec_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"no exported model file at {p}")
+    spec_bytes = spec_path.read_bytes()
+    try:
+        spec = json.loads(spec_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{spec_path}: not a regrow export spec (invalid JSON: {exc})") from None
+    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
+        raise ValueError(f"{spec_path}: not a regrow export spec (format is not {SPEC_FORMAT!r})")
+    if spec.get("version") != SPEC_VERSION:
+        raise ValueError(f"{spec_path}: spec version {spec.get('version')!r}, this regrow reads {SPEC_VERSION}")
+    try:
+        with safe_open(str(weights_path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"{weights_path}: corrupted safetensors file ({exc})") from None
+    if meta.get("spec_sha256") != hashlib.sha256(spec_bytes).hexdigest():
+        raise ValueError(f"{weights_path} does not belong to spec {spec_path} (spec digest mismatch: the spec "
+                         "was edited or comes from another export)")
+    if meta.get("data_sha256") != _data_digest(tensors):
+        raise ValueError(f"{weights_path}: tensor data is corrupted (SHA-256 mismatch)")
+    expected = spec.get("tensors", {})
+    for name, info in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            raise ValueError(f"{weights_path}: tensor '{name}' listed in {spec_path.name} is missing")
+        if list(t.shape) != info["shape"] or str(t.dtype).replace("torch.", "") != info["dtype"]:
+            raise ValueError(f"{weights_path}: tensor '{name}' is {t.dtype} {list(t.shape)}, spec says "
+                             f"{info['dtype']} {info['shape']}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"{weights_path}: tensors {extra[:5]} are not in {spec_path.name}")
+
+    arch = spec.get("arch", {})
+    where = str(spec_path)
+    if arch.get("kind") == "tree":
+        module = _construct(arch.get("tree", {}), where)
+    elif arch.get("kind") == "regrow.models":
+        try:
+            module = _build_arch(arch)
+        except ValueError as exc:
+            raise ValueError(f"{where}: cannot build architecture {arch.get('name')!r}: {exc}") from None
+        for name, desc in sorted(spec.get("replaced", {}).items()):
+            try:
+                module.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{where}: replaced module '{name}' does not exist in {arch['name']}") from None
+            module.set_submodule(name, _construct(desc, where))
+        module.regrow_arch = {k: arch[k] for k in ("name", "num_classes", "in_shape", "options")}
+    else:
+        raise ValueError(f"{where}: unknown architecture kind {arch.get('kind')!r}")
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"{weights_path} does not fit the architecture in {spec_path.name}: "
+                         f"{' '.join(line.strip() for line in first[:3])}") from None
+    module.eval()
+    if spec.get("report") is not None:
+        module.regrow_export_report = spec["report"]
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# from a training run
+# ---------------------------------------------------------------------------------------------
+def export_run(run_dir: str | Path, format: str = "condensed", out_path: str | Path | None = None) -> dict[str, Any]:
+    """Export the final model of a ``regrow train`` run directory and save it.
+
+    Reads the run's checkpoint (model config, weights, masks), exports with ``format``, and
+    writes ``out_path`` (default ``RUN_DIR/exported-<format>``) ``.safetensors`` + ``.json``.
+
+    Returns:
+        ``{"report", "weights", "spec", "bytes", "params", "dense_params"}``: the export report,
+        the written paths, their total size, and the parameter counts of the exported and the
+        original (dense) model.
+    """
+    from .checkpoint import checkpoint_path, load_checkpoint
+    from .config import from_dict
+    from .train import build_model
+
+    run_dir = Path(run_dir)
+    state = load_checkpoint(checkpoint_path(run_dir))
+    config = from_dict(state["config"])
+    in_shape, num_classes = tuple(int(s) for s in state["in_shape"]), int(state["num_classes"])
+    model = build_model(config, in_shape, num_classes)
+    model.load_state_dict(state["model"])
+    masks = dict(state.get("masks", {}))
+    exported = export(model, masks, format)
+    arch = {"name": config.model, "num_classes": num_classes, "in_shape": list(in_shape),
+            "options": config.model_kwargs()}
+    out = Path(out_path) if out_path is not None else run_dir / f"exported-{format}"
+    saved = save_exported(exported, out, arch=arch)
+    return {"report": exported.regrow_export_report, **saved,
+            "params": sum(p.numel() for p in exported.parameters()),
+            "dense_params": sum(p.numel() for p in model.parameters())}
