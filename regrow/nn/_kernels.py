@@ -258,6 +258,7 @@ _failure: str | None = None
 def load() -> CondensedKernel | None:
     """The compiled kernel, building it on first use; ``None`` (with one warning) if unavailable."""
     global _failure
+    _failure = None
     if os.environ.get("REGROW_DISABLE_KERNEL", "") not in ("", "0"):
         _failure = "disabled by REGROW_DISABLE_KERNEL"
         return None
