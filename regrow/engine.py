@@ -135,10 +135,11 @@ class DynamicSparsity:
         if due and self.method.needs_grad:
             for target in self.targets:
                 target.snapshot_grad()
-        for target in self.targets:
+        masked = self.method.masked
+        for target in self.targets if masked else ():
             target.mask_grad()
         self.optimizer.step()
-        for target in self.targets:
+        for target in self.targets if masked else ():
             target.apply_mask()
         if due:
             self._update_topology(t)

@@ -18,9 +18,12 @@ SAMPLERS = ("uniform", "grabo", "graest")
 _MAX_ROUNDS = 8   # factorised draws that keep hitting the same few pairs stop after this
 
 
-def _draw_until(target: SparseTarget, m: int, draw, rounds: int | None = None) -> torch.Tensor:
-    """Distinct inactive flat indices from repeated calls of ``draw(n)``, at most m of them."""
-    found = torch.empty(0, dtype=torch.long, device=target.device)
+def _draw_until(target: SparseTarget, m: int, draw, rounds: int | None = None,
+                found: torch.Tensor | None = None) -> torch.Tensor:
+    """Distinct inactive flat indices from repeated calls of ``draw(n)`` added to ``found``
+    until there are at least m (or ``rounds`` draws were made)."""
+    if found is None:
+        found = torch.empty(0, dtype=torch.long, device=target.device)
     attempt = 0
     while found.numel() < m and (rounds is None or attempt < rounds):
         attempt += 1
@@ -40,21 +43,32 @@ def _subsample(flat: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor
     return flat[keep].sort().values
 
 
-def uniform_inactive(target: SparseTarget, m: int, gen: torch.Generator) -> torch.Tensor:
-    """m distinct inactive connections, uniformly at random (fewer if fewer are inactive)."""
-    inactive = target.numel - target.nnz
-    m = min(m, inactive)
+def uniform_inactive(target: SparseTarget, m: int, gen: torch.Generator,
+                     exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """m distinct inactive connections, uniformly at random, none of them in ``exclude``
+    (a sorted index tensor); fewer if fewer are available."""
+    excluded = 0 if exclude is None else exclude.numel()
+    available = target.numel - target.nnz - excluded
+    m = min(m, available)
     if m <= 0:
         return torch.empty(0, dtype=torch.long, device=target.device)
-    if inactive <= 2 * m:
+    if available <= 2 * m:
         # nearly dense: rejection would mostly reject, so when the grid is enumerable use it
         try:
-            return _subsample(target.inactive_indices(), m, gen)
+            pool = target.inactive_indices()
+            if exclude is not None:
+                pool = pool[~torch.isin(pool, exclude)]
+            return _subsample(pool, m, gen)
         except NotImplementedError:
             pass
+
     def draw(n: int) -> torch.Tensor:
         return torch.randint(target.numel, (n,), generator=gen).to(target.device)
-    return _subsample(_draw_until(target, m, draw), m, gen)
+    start = None if exclude is None else exclude
+    found = _draw_until(target, m + excluded, draw, found=start)
+    if exclude is not None:
+        found = found[~torch.isin(found, exclude)]
+    return _subsample(found, m, gen)
 
 
 def _factorised(target: SparseTarget, m: int, gen: torch.Generator,
@@ -77,7 +91,7 @@ def _factorised(target: SparseTarget, m: int, gen: torch.Generator,
     found = _draw_until(target, m, draw, rounds=_MAX_ROUNDS)
     if found.numel() < m:
         # the marginals put their mass on too few pairs: top up uniformly (documented choice)
-        extra = uniform_inactive(target, m - found.numel() + found.numel() // 4 + 16, gen)
+        extra = uniform_inactive(target, m - found.numel(), gen, exclude=found)
         found = torch.unique(torch.cat([found, extra]))
     return _subsample(found, m, gen)
 

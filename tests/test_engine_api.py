@@ -131,7 +131,8 @@ def test_non_finite_gradient_skips_the_update_with_a_warning():
     masks = {n: m.clone() for n, m in dst.masks.items()}
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    model[0].weight.grad[0, 0] = float("nan")
+    row, col = (dst.masks["0.weight"]).nonzero()[0].tolist()   # an active slot
+    model[0].weight.grad[row, col] = float("nan")
     with pytest.warns(RuntimeWarning, match="non-finite gradient at step 2"):
         dst.step()
     assert dst.stats()["updates"] == 0

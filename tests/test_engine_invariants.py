@@ -82,7 +82,11 @@ def test_invariants_hold_after_init_and_every_step(cfg):
             if method == "srigl":
                 fan_in = int(counts.max())
                 assert ((counts == 0) | (counts == fan_in)).all(), "srigl: constant fan-in"
-                assert t.nnz <= method_obj.totals[name] < t.nnz + fan_in or t.nnz == method_obj.totals[name]
+                active = int((counts > 0).sum())
+                # fan-in = floor(total / active): short of the initial total by less than one
+                # weight per active neuron
+                assert t.nnz == fan_in * active
+                assert t.nnz <= method_obj.totals[name] < t.nnz + active
                 assert stats["layers"][name]["active_neurons"] == int((counts > 0).sum())
             elif method == "gmp":
                 if dst.step_count < method_obj.window[0] + 1 and stats["updates"] == 0:

@@ -230,3 +230,16 @@ def test_set_grown_weights_follow_the_layer_init_or_zero():
             else:
                 bound = 1 / math.sqrt(params[name][0].numel())
                 assert (values != 0).all() and (values.abs() <= bound).all()
+
+
+def test_factorised_sampling_tops_up_when_the_marginals_are_too_narrow():
+    from regrow.sampling import _factorised
+    model, optimizer, dst = build("gse", sparsity=0.5, distribution="uniform")
+    t = dst.targets[0]
+    rows = torch.zeros(t.rows)
+    rows[0] = 1.0   # all mass on one row and one column: at most one pair can be drawn
+    cols = torch.zeros(t.cols)
+    cols[0] = 1.0
+    m = (t.numel - t.nnz) // 2
+    flat = _factorised(t, m, torch.Generator().manual_seed(0), rows, cols)
+    assert flat.numel() == m and flat.unique().numel() == m and not t.is_active(flat).any()

@@ -53,6 +53,7 @@ class Method:
     name: ClassVar[str] = ""
     dynamic: ClassVar[bool] = True       # rewires connections during training
     needs_grad: ClassVar[bool] = False   # reads dL/dw at update steps
+    masked: ClassVar[bool] = True        # False: every weight stays active, nothing to mask
     sparse_backend: ClassVar[bool] = True  # works without dense tensors
 
     def __init__(self, *, grow_init: str = "zero"):

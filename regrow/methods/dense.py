@@ -10,6 +10,7 @@ from .base import Method, register
 class Dense(Method):
     name = "dense"
     dynamic = False
+    masked = False
 
     def init_masks(self, targets, gen: torch.Generator) -> None:
         for t in targets:

@@ -3,8 +3,9 @@
 Every active output neuron (conv: output channel) keeps the same number of active inputs.
 Per update: the weights RigL would keep (after magnitude drop) plus those it would grow
 (top |grad|) are *salient*; a neuron with fewer than ``gamma_sal * fan_in`` salient weights is
-ablated and its budget is shared among the survivors (their fan-in rises, the layer total
-fan_in * active stays within one fan-in of the initial total). Each surviving neuron then keeps
+ablated and its budget is shared among the survivors (their fan-in rises to
+floor(total / active), so the layer holds fan_in * active weights, short of the initial total
+by less than one weight per active neuron). Each surviving neuron then keeps
 its largest-|w| weights and regrows by largest |grad| up to the new fan-in.
 """
 from __future__ import annotations

@@ -1,0 +1,231 @@
+"""Sparse backend: topology updates of a ``SparseLinear`` without any out x in tensor.
+
+Every operation is O(N) or O(m log N) for N active and m queried connections:
+
+* active connections are the layer's sorted flat keys ``row * cols + col`` (int64), built
+  once per update and dropped afterwards;
+* ``is_active`` is a binary search (``searchsorted``) in those keys, which is what GSE's
+  rejection sampler calls;
+* ``grad_at`` computes dL/dw only for the asked pairs, ``sum_b delta[b, row] * h[b, col]``,
+  from the inputs and output gradients the layer captured at the update step;
+* ``rewire`` merges the kept and grown keys (searchsorted + scatter, no sort of the whole
+  layer) and re-indexes the values, their gradient and the optimizer's per-weight state the
+  same way: kept entries keep theirs, grown entries start at zero state;
+* the ITOP set (connections ever active) is a sorted int64 key set that grows by the number
+  of newly explored connections per update (8 bytes each), not an out x in bitmap.
+
+Capture: ``grad_at`` needs the update step's (h, delta), but the engine arms the capture only
+for methods that declare ``needs_activations`` (GSE with grabo/graest), not for GSE's uniform
+sampler. Until the engine calls ``arm_capture`` once, the target therefore captures every
+training step (no extra compute: the layer keeps references to the h^T it saves for backward
+anyway and to the delta^T it computes in backward, until the step ends); from the first
+explicit ``arm_capture`` on it captures only when armed.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..optim_state import OptimizerStateMasker
+from .base import SparseTarget
+
+#: ``mask`` (a dense bool tensor) is refused above this many entries
+DENSE_MASK_LIMIT = 1 << 26
+#: ``inactive_indices`` enumerates the grid only when it is at most this many times N
+_ENUMERATE_FACTOR = 4
+
+
+def merge_sorted(kept: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two sorted, disjoint int64 key vectors.
+
+    Returns ``(merged, is_new)``: the sorted union and a bool vector marking where the
+    entries of ``new`` landed (``merged[~is_new] == kept``, ``merged[is_new] == new``).
+    O(len(kept) + len(new) log len(kept)).
+    """
+    pos = torch.searchsorted(kept, new) + torch.arange(new.numel(), device=new.device)
+    is_new = torch.zeros(kept.numel() + new.numel(), dtype=torch.bool, device=kept.device)
+    is_new[pos] = True
+    merged = torch.empty(is_new.numel(), dtype=kept.dtype, device=kept.device)
+    merged[is_new] = new
+    merged[~is_new] = kept
+    return merged, is_new
+
+
+def _reindexed(old: torch.Tensor, keep: torch.Tensor, is_new: torch.Tensor,
+               new_values: torch.Tensor | None = None) -> torch.Tensor:
+    """``old``'s kept entries in their merged positions; grown positions get ``new_values``
+    (zero when None)."""
+    out = torch.zeros(is_new.numel(), dtype=old.dtype, device=old.device)
+    out[~is_new] = old[keep]
+    if new_values is not None:
+        out[is_new] = new_values.to(old.dtype)
+    return out
+
+
+class SparseLinearTarget(SparseTarget):
+    """The engine's view of one :class:`regrow.nn.SparseLinear`.
+
+    The layer chose its initial topology and N itself (``preinitialised``), so the density
+    the engine allocated is ignored: ``budget`` is the layer's N.
+    """
+
+    preinitialised = True
+
+    def __init__(self, name: str, layer, optimizer_state: OptimizerStateMasker):
+        self.name = name
+        self.layer = layer
+        self.rows, self.cols = layer.out_features, layer.in_features
+        self.budget = layer.nnz
+        self._optimizer_state = optimizer_state
+        self._keys: torch.Tensor | None = None
+        self._ever = layer.active_keys()
+        self._engine_arms = False
+        layer.arm_capture()   # until the engine arms explicitly (see the module doc)
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self.layer.nnz
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.values.device
+
+    @property
+    def mask(self) -> torch.Tensor:
+        if self.numel > DENSE_MASK_LIMIT:
+            raise ValueError(f"'{self.name}' is an always-sparse {self.rows} x {self.cols} layer; a dense mask "
+                             f"would need {self.numel / 2**30:.1f} GiB (use stats(), or the layer's "
+                             "row_indices/col_indices)")
+        m = torch.zeros(self.numel, dtype=torch.bool, device=self.device)
+        m[self.active_indices()] = True
+        return m.view(self.rows, self.cols)
+
+    def active_indices(self) -> torch.Tensor:
+        if self._keys is None:
+            self._keys = self.layer.active_keys()
+        return self._keys
+
+    def active_values(self) -> torch.Tensor:
+        return self.layer.values.detach()
+
+    def is_active(self, flat: torch.Tensor) -> torch.Tensor:
+        keys = self.active_indices()
+        if keys.numel() == 0:
+            return torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+        pos = torch.searchsorted(keys, flat).clamp_(max=keys.numel() - 1)
+        return keys[pos] == flat
+
+    def inactive_indices(self) -> torch.Tensor:
+        # only for layers so dense that the grid is O(N) anyway (rejection sampling would crawl)
+        if self.numel > _ENUMERATE_FACTOR * max(self.nnz, 1):
+            return super().inactive_indices()
+        mask = torch.ones(self.numel, dtype=torch.bool, device=self.device)
+        mask[self.active_indices()] = False
+        return mask.nonzero().squeeze(1)
+
+    def grad_at(self, flat: torch.Tensor) -> torch.Tensor:
+        pair = self.layer.captured()
+        if pair is None:
+            raise RuntimeError(f"no inputs/output gradients were captured for '{self.name}' at this step; "
+                               "the engine arms the capture before an update step's forward")
+        from ..nn.sparse_linear import sampled_grad
+        h_t, delta_t = pair
+        flat = flat.to(torch.long)
+        r = torch.div(flat, self.cols, rounding_mode="floor").to(torch.int32)
+        c = (flat % self.cols).to(torch.int32)
+        return sampled_grad(self.rows, r, c, h_t, delta_t)
+
+    def activations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        pair = self.layer.captured()
+        return None if pair is None else (pair[0].t(), pair[1].t())
+
+    def row_counts(self) -> torch.Tensor:
+        return torch.bincount(self.layer.row_indices.long(), minlength=self.rows)
+
+    def ever_active_count(self) -> int:
+        return self._ever.numel()
+
+    def fan_in_bound(self) -> float:
+        return self.layer.init_bound()
+
+    # -- per-step work -------------------------------------------------------------------
+    def arm_capture(self) -> None:
+        self._engine_arms = True
+        self.layer.arm_capture()
+
+    def release(self) -> None:
+        self.layer.disarm_capture()
+        self._keys = None
+        if not self._engine_arms:
+            self.layer.arm_capture()
+
+    def grad_is_finite(self) -> bool:
+        g = self.layer.values.grad
+        return g is None or bool(torch.isfinite(g).all())
+
+    # every stored value is active: nothing to mask (mask_grad / apply_mask stay no-ops)
+
+    # -- changing the topology -----------------------------------------------------------
+    @torch.no_grad()
+    def rewire(self, drop: torch.Tensor, grow: torch.Tensor, grow_values: torch.Tensor) -> None:
+        keys = self.active_indices()
+        drop = drop.to(device=keys.device, dtype=torch.long)
+        grow = grow.to(device=keys.device, dtype=torch.long)
+        if grow_values.numel() != grow.numel():
+            raise ValueError(f"rewire of '{self.name}': {grow.numel()} grown connections but {grow_values.numel()} values")
+        pos = torch.searchsorted(keys, drop)
+        if pos.numel() and (int(pos.max()) >= keys.numel() or not bool((keys[pos] == drop).all())):
+            raise ValueError(f"rewire of '{self.name}': a dropped connection is not active")
+        keep = torch.ones(keys.numel(), dtype=torch.bool, device=keys.device)
+        keep[pos] = False
+        if int(keep.sum()) != keys.numel() - drop.numel():
+            raise ValueError(f"rewire of '{self.name}': duplicate dropped connections")
+        grow, order = grow.sort()
+        grow_values = grow_values.to(keys.device)[order]
+        if grow.numel() and (bool(self.is_active(grow).any()) or bool((grow[1:] == grow[:-1]).any())
+                             or int(grow[0]) < 0 or int(grow[-1]) >= self.numel):
+            raise ValueError(f"rewire of '{self.name}': grown connections must be distinct, inactive and in range")
+
+        merged, is_new = merge_sorted(keys[keep], grow)
+        layer = self.layer
+        param = layer.values
+        old_n = param.numel()
+        state = self._optimizer_state.optimizer.state.get(param, {})
+        for name, buf in list(state.items()):
+            if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
+                new = _reindexed(buf, keep, is_new)
+                if new.numel() == old_n:
+                    buf.copy_(new)
+                else:
+                    state[name] = new
+        grad = param.grad
+        new_grad = None if grad is None else _reindexed(grad, keep, is_new)
+        rows = torch.div(merged, self.cols, rounding_mode="floor")
+        layer._assign(rows, merged - rows * self.cols, _reindexed(param.detach(), keep, is_new, grow_values))
+        if new_grad is not None:
+            if new_grad.shape == grad.shape:
+                grad.copy_(new_grad)
+            else:
+                param.grad = new_grad
+        self._keys = merged
+        self._add_ever(grow)
+
+    def _add_ever(self, grow: torch.Tensor) -> None:
+        if grow.numel() == 0:
+            return
+        ever = self._ever
+        if ever.numel():
+            pos = torch.searchsorted(ever, grow).clamp_(max=ever.numel() - 1)
+            grow = grow[ever[pos] != grow]
+        self._ever = merge_sorted(ever, grow)[0]
+
+    def state_dict(self) -> dict:
+        return {"ever_active": self._ever.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        ever = state["ever_active"].to(device=self.device, dtype=torch.long)
+        self._keys = None
+        if ever.numel() and (int(ever.min()) < 0 or int(ever.max()) >= self.numel):
+            raise ValueError(f"checkpoint ever-active set for '{self.name}' does not fit a "
+                             f"{self.rows} x {self.cols} layer")
+        self._ever = torch.unique(torch.cat([ever, self.layer.active_keys()]))
