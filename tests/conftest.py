@@ -15,6 +15,6 @@ def one_thread():
 
 # Property tests run a few small training loops per example: keep the count modest and
 # never fail on timing (the CI machine has two shared cores).
-settings.register_profile("regrow", max_examples=int(os.environ.get("REGROW_HYPOTHESIS_EXAMPLES", 20)),
+settings.register_profile("regrow", max_examples=int(os.environ.get("REGROW_HYPOTHESIS_EXAMPLES", 40)),
                           deadline=None, print_blob=True)
 settings.load_profile("regrow")
