@@ -20,15 +20,6 @@ from regrow.data import DATASETS, ArrayDataset, load, read_idx
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def all_of(ds: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return ds.get_batch(torch.arange(len(ds)))
 

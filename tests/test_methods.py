@@ -12,15 +12,20 @@ from helpers import batches, build, cnn, mlp, train_step
 from regrow.sampling import sample_subset, uniform_inactive
 
 
-def _grads_and_masks_at_update(method, **kwargs):
-    """Run to the first update step; return grads, weights and masks just before it, and masks after."""
-    model, optimizer, dst = build(method, total_steps=40, update_interval=4, **kwargs)
+def _backward_of_first_update_step(model, optimizer, dst):
+    """Train to just before step 4 (the first update) and run its forward and backward."""
     data = batches(4, seed=2)
     for x, y in data[:3]:
         train_step(model, optimizer, dst, x, y)
     x, y = data[3]
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _grads_and_masks_at_update(method, **kwargs):
+    """Run to the first update step; return grads, weights and masks just before it, and masks after."""
+    model, optimizer, dst = build(method, total_steps=40, update_interval=4, **kwargs)
+    _backward_of_first_update_step(model, optimizer, dst)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     before = {n: m.clone() for n, m in dst.masks.items()}
     dst.step()
@@ -63,13 +68,7 @@ def test_gse_grows_only_from_its_subset_and_by_gradient():
     torch.manual_seed(0)
     model, optimizer, dst = build("gse", total_steps=40, update_interval=4, gamma=0.5, seed=3)
     target = dst.targets[0]
-    gen_state = dst.generator.get_state()
-    data = batches(4, seed=2)
-    for x, y in data[:3]:
-        train_step(model, optimizer, dst, x, y)
-    x, y = data[3]
-    optimizer.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
+    _backward_of_first_update_step(model, optimizer, dst)
     grad = dict(model.named_parameters())[target.name].grad.clone()
     before = target.mask.clone()
     # replay the generator exactly as the update will use it: first layer samples first
@@ -84,7 +83,6 @@ def test_gse_grows_only_from_its_subset_and_by_gradient():
     scores = grad.view(-1)[subset].abs()
     top = subset[torch.sort(scores, descending=True, stable=True).indices[:k]]
     assert torch.equal(grown.sort().values, top.sort().values)
-    del gen_state
 
 
 @pytest.mark.parametrize("kind", ["uniform", "grabo", "graest"])

@@ -11,15 +11,6 @@ from regrow.models import MODELS, build, model_options
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # Small configurations so that every model runs on every shape in milliseconds.
 SMALL = {
     "resnet20": {"width": 0.25},
