@@ -1,0 +1,314 @@
+"""The ``regrow`` command line: train, compare, report, export, demo.
+
+Training flags are generated from :class:`regrow.config.TrainConfig`, so every flag has a
+YAML key of the same name (``--update-interval`` <-> ``update_interval``) and the same
+default. Precedence: defaults < ``--config FILE`` < flags. Errors in the input (bad flag
+values, missing data files, a run directory already in use) end with a one-line message on
+stderr and exit status 1, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .config import FIELDS, TrainConfig, from_dict, load_yaml
+
+DEMO_METHODS = ("static", "set", "rigl", "gse", "dstee", "srigl")
+DEFAULT_COMPARE_METHODS = "static,set,rigl,gse,dstee,srigl"
+# the demo: a small MLP on the built-in digits (1437 training images of 8x8), 45 steps/epoch
+DEMO_CONFIG = dict(dataset="digits", model="mlp", widths=[128, 128], epochs=30, batch_size=32,
+                   lr=0.05, update_interval=15, drop_fraction=0.3, distribution="erk")
+_FLAG_NAMES = {"model_options": "--model-option"}
+
+
+class CLIError(ValueError):
+    """A user error reported as one line."""
+
+
+# -- flags from the config dataclass -----------------------------------------------------------
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return f" (default: {'on' if default else 'off'})"
+    if isinstance(default, list):
+        return "" if not default else f" (default: {','.join(map(str, default))})"
+    if isinstance(default, dict):
+        return ""
+    return f" (default: {default})"
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field, grouped; unset flags stay absent from the namespace."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=meta["help"] + _default_text(f))
+        kind = meta["kind"]
+        if kind in ("bool", "obool"):
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        if kind == "int":
+            kwargs.setdefault("metavar", "N")
+            kwargs["type"] = int
+        elif kind == "float":
+            kwargs.setdefault("metavar", "X")
+            kwargs["type"] = float
+        elif kind == "dict":
+            kwargs.update(action="append", type=_key_value)
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def resolve_config(args: argparse.Namespace, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then ``--config`` file, then ``overrides``, then the flags given."""
+    base = load_yaml(args.config) if getattr(args, "config", None) else TrainConfig()
+    if overrides:
+        base = from_dict(overrides, base)
+    given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    if "model_options" in given:
+        given["model_options"] = {**base.model_options, **dict(given["model_options"])}
+    try:
+        return from_dict(given, base)
+    except ValueError as err:
+        raise CLIError(str(err).replace("config key '", "option '")) from None
+
+
+def given_config_flags(args: argparse.Namespace) -> list[str]:
+    return [_flag(name) for name in FIELDS if hasattr(args, name)]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# -- the parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="regrow", formatter_class=fmt,
+        description="Dynamic sparse training: train one run, compare methods across sparsities, "
+                    "re-render reports, export sparse weights.",
+        epilog="Run 'regrow COMMAND --help' for a command's options. 'python -m regrow' is the same.")
+    parser.add_argument("--version", action="version", version=f"regrow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "train", formatter_class=fmt, help="train one run into a folder",
+        description="Train one model with a sparse training method. Writes OUT/config.yaml (the resolved "
+                    "configuration), OUT/metrics.jsonl (one line per epoch), OUT/checkpoint.pt (every epoch "
+                    "and every --checkpoint-every steps) and, when finished, OUT/summary.json.",
+        epilog="example:\n  regrow train --method gse --sparsity 0.98 --model mlp --dataset fashion-mnist \\\n"
+               "      --data-dir ../shared/data/fashion-mnist --epochs 10 --seed 0 --out runs/gse98\n"
+               "  regrow train --resume runs/gse98        # continue an interrupted run")
+    p.add_argument("--config", metavar="FILE", help="YAML file of options (keys as the flags, with _ for -); "
+                   "flags given here override it")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/METHOD-spSPARSITY-seedSEED)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its checkpoint, "
+                   "with its own configuration (only --threads may be given besides)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "compare", formatter_class=fmt, help="run the method x sparsity x seed matrix and report",
+        description="Train every method at every sparsity for every seed (plus a dense baseline per seed), "
+                    "one folder each under OUT, skipping finished runs and resuming interrupted ones, then "
+                    "write OUT/results.json, OUT/results.md and OUT/plots/*.png. Runs go one after another.",
+        epilog="example:\n  regrow compare --methods static,set,rigl,gse,dstee,srigl --sparsity 0.9,0.95,0.98 "
+               "--seeds 3 \\\n      --dataset fashion-mnist --data-dir ../shared/data/fashion-mnist --epochs 3 "
+               "--out runs/cmp")
+    p.add_argument("--methods", type=_names, default=_names(DEFAULT_COMPARE_METHODS), metavar="M1,M2,...",
+                   help=f"methods to compare (default: {DEFAULT_COMPARE_METHODS})")
+    p.add_argument("--sparsity", dest="sparsities", type=_floats, default=[0.9, 0.95, 0.98], metavar="S1,S2,...",
+                   help="sparsities (default: 0.9,0.95,0.98)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="number of seeds, starting at --seed (default: 1)")
+    p.add_argument("--no-dense", dest="dense", action="store_false", help="leave out the dense baseline")
+    p.add_argument("--config", metavar="FILE", help="YAML file of training options shared by every run")
+    p.add_argument("--out", metavar="DIR", default="runs/compare", help="folder of the comparison (default: runs/compare)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="write the tables only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-run lines")
+    add_config_flags(p, exclude=("method", "sparsity"))
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "report", formatter_class=fmt, help="re-render tables and plots from finished runs",
+        description="Collect every finished run (summary.json) under DIR and write DIR/results.json, "
+                    "DIR/results.md and DIR/plots/*.png; prints the table.")
+    p.add_argument("dir", metavar="DIR", help="a comparison folder (or a single run folder)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="write the tables only")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "export", formatter_class=fmt, help="export a run's sparse weights",
+        description="Export the trained weights of a run folder for inference: condensed (constant fan-in "
+                    "rows), csr, or dense with zeros.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder with checkpoint.pt")
+    p.add_argument("--format", choices=("condensed", "csr", "dense"), default="condensed",
+                   help="storage format (default: condensed)")
+    p.add_argument("--out", metavar="PATH", help="output path without suffix; PATH.safetensors and PATH.json are "
+                   "written (default: RUN_DIR/exported-FORMAT)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "demo", formatter_class=fmt, help="a two-minute comparison on the built-in digits data",
+        description="A short comparison on scikit-learn's digits (no files, no network): an MLP 64-128-128-10, "
+                    f"methods {','.join(DEMO_METHODS)} and a dense baseline at 90%% sparsity, one seed, "
+                    f"{DEMO_CONFIG['epochs']} epochs. Prints the table and writes the plots to OUT/plots.")
+    p.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=DEMO_CONFIG["epochs"],
+                   help=f"epochs per run (default: {DEMO_CONFIG['epochs']})")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-run lines")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# -- commands --------------------------------------------------------------------------------
+def _show_progress(args) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _log(args):
+    return None if args.quiet else (lambda line: print(line, flush=True))
+
+
+def cmd_train(args) -> int:
+    from .train import train
+    if args.resume:
+        extra = [f for f in given_config_flags(args) if f != "--threads"]
+        if extra or args.config or args.out:
+            given = extra + (["--config"] if args.config else []) + (["--out"] if args.out else [])
+            raise CLIError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
+        config = None
+        if hasattr(args, "threads"):
+            from .checkpoint import checkpoint_path, load_checkpoint
+            config = from_dict(load_checkpoint(checkpoint_path(args.resume))["config"]).replace(threads=args.threads)
+        out = Path(args.resume)
+        summary = train(config, out, resume=True, progress=_show_progress(args), log=_log(args))
+    else:
+        config = resolve_config(args)
+        out = Path(args.out or f"runs/{config.method}-sp{config.sparsity:g}-seed{config.seed}")
+        summary = train(config, out, progress=_show_progress(args), log=_log(args))
+    if not args.quiet:
+        print(f"{summary['method']} at sparsity {summary['sparsity']:g}: test accuracy "
+              f"{100 * summary['test_accuracy']:.2f}% (best {100 * summary['best_test_accuracy']:.2f}%), "
+              f"density {summary['final_density']:.4f}, ITOP {summary['itop_rate']:.3f}, "
+              f"train FLOPs {summary['train_flops_ratio']:.3f}x, inference FLOPs "
+              f"{summary['inference_flops_ratio']:.3f}x of dense, {summary['wall_seconds']:.1f}s -> {out}")
+    return 0
+
+
+def _compare(base: TrainConfig, methods, sparsities, seeds, out, *, dense: bool, plots: bool, args) -> dict:
+    from .compare import run_compare
+    from .report import write_report
+    run_compare(base, methods, sparsities, seeds, out, dense=dense, progress=_show_progress(args), log=_log(args))
+    return write_report(out, plots=plots)
+
+
+def _print_report(report: dict, quiet: bool = False) -> None:
+    if quiet:
+        return
+    print()
+    print(report["markdown"], end="")
+    print("\nwritten: " + ", ".join(report["files"]))
+
+
+def cmd_compare(args) -> int:
+    if args.seeds < 1:
+        raise CLIError(f"--seeds must be >= 1, got {args.seeds}")
+    base = resolve_config(args)
+    seeds = list(range(base.seed, base.seed + args.seeds))
+    report = _compare(base, args.methods, args.sparsities, seeds, args.out, dense=args.dense, plots=args.plots, args=args)
+    _print_report(report, args.quiet)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    _print_report(write_report(args.dir, plots=args.plots))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    config = from_dict({**DEMO_CONFIG, "epochs": args.epochs, "threads": args.threads})
+    report = _compare(config, list(DEMO_METHODS), [0.9], [0], args.out, dense=True, plots=True, args=args)
+    _print_report(report, args.quiet)
+    return 0
+
+
+def cmd_export(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise CLIError(f"{run_dir} has no checkpoint.pt: not a run folder")
+    try:
+        from .export import export_run
+    except ImportError:
+        raise CLIError("export is not available in this installation (regrow.export.export_run is missing)") from None
+    result = export_run(run_dir, args.format, args.out)
+    for layer in result.get("report", []):
+        notes = f" ({layer['notes']})" if layer.get("notes") else ""
+        print(f"  {layer['name']}: {layer['format']} {'x'.join(map(str, layer['shape']))}, "
+              f"{layer['params']} params{notes}")
+    print(f"exported {run_dir} as {args.format}: {result['params']} parameters (dense {result['dense_params']}), "
+          f"{result['bytes']} bytes -> {result['weights']} + {result['spec']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``regrow`` console script and ``python -m regrow``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "train":
+            hint = "; continue with: regrow train --resume " + str(args.resume or args.out or "OUT")
+        elif args.command in ("compare", "demo"):
+            hint = "; run the same command again to continue"
+        print(f"regrow: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"regrow {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

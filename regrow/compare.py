@@ -1,0 +1,104 @@
+"""``regrow compare``: the (method x sparsity x seed) matrix, one run folder each, then a report.
+
+Runs go sequentially in this process (the machines this targets have few cores). A run
+whose ``summary.json`` exists is skipped, one with only a checkpoint is resumed, so an
+interrupted comparison is continued by running the same command again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .checkpoint import checkpoint_path
+from .config import TrainConfig, describe_differences, from_dict
+from .train import CONFIG_NAME, read_summary, train
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the matrix."""
+
+    method: str
+    sparsity: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        if self.method == "dense":
+            return f"dense-seed{self.seed}"
+        return f"{self.method}-sp{self.sparsity:g}-seed{self.seed}"
+
+
+def plan(methods: list[str], sparsities: list[float], seeds: list[int], dense: bool = True) -> list[RunSpec]:
+    """The runs of a comparison: per seed a dense baseline (optional) then every method x sparsity."""
+    if not methods:
+        raise ValueError("--methods is empty")
+    if "dense" in methods:
+        raise ValueError("'dense' is the baseline that compare adds by itself (--no-dense leaves it out); "
+                         "remove it from --methods")
+    if not sparsities:
+        raise ValueError("--sparsity is empty")
+    if len(set(methods)) != len(methods) or len(set(sparsities)) != len(sparsities):
+        raise ValueError("--methods and --sparsity must not repeat values")
+    specs = []
+    for seed in seeds:
+        if dense:
+            specs.append(RunSpec("dense", 0.0, seed))
+        specs += [RunSpec(m, s, seed) for m in methods for s in sparsities]
+    return specs
+
+
+def run_config(base: TrainConfig, spec: RunSpec) -> TrainConfig:
+    """The base configuration specialised to one run (options other methods take are dropped)."""
+    cfg = base.replace(method=spec.method, sparsity=spec.sparsity, seed=spec.seed)
+    keep = cfg.method_options(strict=False)
+    cleared = {key: None for key in ("grow_init", "gamma", "sampling", "c", "eps", "gamma_sal", "ablation",
+                                     "begin_fraction")}
+    cleared.update(keep)
+    return cfg.replace(**cleared)
+
+
+def run_compare(base: TrainConfig, methods: list[str], sparsities: list[float], seeds: list[int], out: str | Path,
+                *, dense: bool = True, progress: bool = False,
+                log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run (or skip, or resume) every run of the matrix into ``out``; returns their summaries."""
+    out = Path(out)
+    specs = plan(methods, sparsities, seeds, dense)
+    configs = [(spec, run_config(base, spec).validate()) for spec in specs]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.yaml").write_text(yaml.safe_dump(
+        {"methods": methods, "sparsity": sparsities, "seeds": seeds, "dense": dense, "base": base.to_dict()},
+        sort_keys=False))
+    # refuse to mix runs made with another configuration before spending any time
+    for spec, cfg in configs:
+        saved = out / spec.name / CONFIG_NAME
+        if saved.is_file():
+            diff = describe_differences(from_dict(yaml.safe_load(saved.read_text()) or {}), cfg)
+            if diff:
+                raise ValueError(f"{saved.parent} was made with another configuration ({'; '.join(diff[:3])}); "
+                                 "use another --out or remove that run")
+
+    from tqdm.auto import tqdm
+    summaries = []
+    bar = tqdm(configs, desc="compare", unit="run", disable=not progress, dynamic_ncols=True, position=0)
+    for spec, cfg in bar:
+        run_dir = out / spec.name
+        bar.set_postfix_str(spec.name)
+        done = read_summary(run_dir)
+        if done is not None:
+            summaries.append(done)
+            if log:
+                log(f"{spec.name}: finished earlier, test accuracy {100 * done['test_accuracy']:.2f}%")
+            continue
+        resume = checkpoint_path(run_dir).is_file()
+        summary = train(cfg, run_dir, resume=resume, progress=progress, progress_position=1)
+        summaries.append(summary)
+        if log:
+            log(f"{spec.name}: test accuracy {100 * summary['test_accuracy']:.2f}%, "
+                f"itop {summary['itop_rate']:.3f}, {summary['wall_seconds']:.1f}s"
+                + (" (resumed)" if resume else ""))
+    bar.close()
+    return summaries

@@ -1,0 +1,305 @@
+"""Run configuration: one dataclass that the CLI flags, YAML files and checkpoints share.
+
+Every field carries its own help text and kind in its metadata, so the argparse flags
+(``--update-interval``), the YAML keys (``update_interval``) and the validation all come
+from one place. Precedence when resolving: dataclass defaults < ``--config`` file < flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .density import DISTRIBUTIONS
+from .methods import METHODS, REGISTRY, option_names
+from .schedules import DROP_SCHEDULES
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("cosine", "step", "constant")
+BACKENDS = ("masked", "sparse")
+GROW_INITS = ("zero", "random")
+SAMPLINGS = ("uniform", "grabo", "graest")
+
+# kinds: int, float, str, bool (flag with --no-), obool (True/False/None), ints, floats,
+# strs (comma-separated on the command line), dict (KEY=VALUE, repeatable)
+
+
+def _opt(default: Any, help: str, kind: str, *, choices: tuple | None = None,
+         group: str = "training", metavar: str | None = None) -> Any:
+    meta = {"help": help, "kind": kind, "choices": choices, "group": group, "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _models() -> tuple[str, ...]:
+    try:
+        from .models import MODELS
+        return MODELS
+    except ImportError:  # the model zoo is optional at config time
+        return ()
+
+
+def _datasets() -> tuple[str, ...]:
+    try:
+        from .data import DATASETS
+        return DATASETS
+    except ImportError:
+        return ()
+
+
+# Method options: config field -> the keyword the method classes take.
+METHOD_OPTIONS = {
+    "grow_init": "grow_init", "gamma": "gamma", "sampling": "sampling", "c": "c", "eps": "eps",
+    "gamma_sal": "gamma_sal", "ablation": "ablation", "begin_fraction": "begin_fraction",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one training run (the output directory aside)."""
+
+    # -- model and data ---------------------------------------------------------------------
+    model: str = _opt("mlp", "network to train", "str", choices=_models(), group="model and data")
+    widths: list = _opt([], "hidden widths of the mlp, comma-separated (empty: the model's default, "
+                        "LeNet-300-100)", "ints", group="model and data", metavar="W1,W2,...")
+    model_options: dict = _opt({}, "other model option KEY=VALUE (repeatable), e.g. width=0.5 for "
+                               "resnets/vggs, dim=128 for vit", "dict", group="model and data",
+                               metavar="KEY=VALUE")
+    dataset: str = _opt("digits", "data set", "str", choices=_datasets(), group="model and data")
+    data_dir: str | None = _opt(None, "folder holding the data set's files (mnist, fashion-mnist, "
+                                "cifar10, cifar100)", "str", group="model and data", metavar="DIR")
+    val_fraction: float = _opt(0.0, "fraction of the training set held out for validation", "float",
+                               group="model and data")
+    augment: bool | None = _opt(None, "random crop + flip on training images (default: on for CIFAR "
+                                "only)", "obool", group="model and data")
+
+    # -- optimisation -----------------------------------------------------------------------
+    epochs: int = _opt(10, "training epochs", "int")
+    batch_size: int = _opt(128, "training batch size", "int")
+    eval_batch_size: int = _opt(1000, "batch size for evaluation", "int")
+    optimizer: str = _opt("sgd", "optimizer", "str", choices=OPTIMIZERS)
+    lr: float = _opt(0.1, "peak learning rate", "float")
+    momentum: float = _opt(0.9, "SGD momentum", "float")
+    nesterov: bool = _opt(True, "Nesterov momentum for SGD", "bool")
+    weight_decay: float = _opt(5e-4, "weight decay (decoupled for adamw)", "float")
+    lr_schedule: str = _opt("cosine", "learning-rate schedule, stepped every batch", "str",
+                            choices=LR_SCHEDULES)
+    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 to --lr over this many epochs", "float")
+    lr_steps: list = _opt([], "epochs at which the step schedule multiplies the LR by --lr-gamma "
+                          "(default: 50%% and 75%% of training)", "floats", metavar="E1,E2,...")
+    lr_gamma: float = _opt(0.1, "factor of each LR step", "float")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", "float")
+    seed: int = _opt(0, "seed of model init, data order and every DST choice", "int")
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's own choice)", "int")
+    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each epoch)",
+                                 "int", metavar="N")
+
+    # -- dynamic sparsity (regrow.DynamicSparsity) -----------------------------------------
+    method: str = _opt("rigl", "sparse training method", "str", choices=METHODS, group="sparsity")
+    sparsity: float = _opt(0.9, "fraction of the sparsified weights that are zero", "float",
+                           group="sparsity")
+    distribution: str = _opt("erk", "per-layer density allocation", "str", choices=DISTRIBUTIONS,
+                             group="sparsity")
+    update_interval: int = _opt(100, "steps between topology updates (dT)", "int", group="sparsity")
+    drop_fraction: float = _opt(0.3, "fraction rewired at the first update (alpha)", "float",
+                                group="sparsity")
+    drop_schedule: str = _opt("cosine", "decay of the drop fraction", "str", choices=DROP_SCHEDULES,
+                              group="sparsity")
+    stop_fraction: float = _opt(0.75, "no topology updates after this fraction of training", "float",
+                                group="sparsity")
+    dense_layers: list = _opt([], "parameter or module names kept dense, comma-separated", "strs",
+                              group="sparsity", metavar="NAME,...")
+    backend: str = _opt("masked", "masked (any model) or sparse (always-sparse SparseLinear; mlp with "
+                        "static, set or gse only)", "str", choices=BACKENDS, group="sparsity")
+
+    # -- method options (None: the method's own default) -------------------------------------
+    grow_init: str | None = _opt(None, "initial value of grown weights (set: random; others: zero)",
+                                 "str", choices=GROW_INITS, group="method options")
+    gamma: float | None = _opt(None, "gse: subset size as a multiple of the active count (1.0)",
+                               "float", group="method options")
+    sampling: str | None = _opt(None, "gse: subset distribution (uniform)", "str", choices=SAMPLINGS,
+                                group="method options")
+    c: float | None = _opt(None, "dstee: exploration coefficient (1e-3)", "float", group="method options")
+    eps: float | None = _opt(None, "dstee: count smoothing (1.0)", "float", group="method options")
+    gamma_sal: float | None = _opt(None, "srigl: saliency threshold for neuron ablation (0.3)", "float",
+                                   group="method options")
+    ablation: bool | None = _opt(None, "srigl: ablate neurons with too few salient weights (on)",
+                                 "obool", group="method options")
+    begin_fraction: float | None = _opt(None, "gmp: start pruning at this fraction of training (0.0)",
+                                        "float", group="method options")
+
+    # -- derived -------------------------------------------------------------------------------
+    def method_options(self, *, strict: bool = True) -> dict:
+        """The method options that were set, as keywords for ``DynamicSparsity``.
+
+        ``strict``: an option the method does not take is an error (``train``); otherwise it
+        is dropped (``compare`` shares one set of options among several methods).
+        """
+        accepted = set(option_names(REGISTRY[self.method]))
+        out = {}
+        for key, kw in METHOD_OPTIONS.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if kw not in accepted:
+                if strict:
+                    flag = "--no-ablation" if key == "ablation" and not value else "--" + key.replace("_", "-")
+                    raise ValueError(f"{flag} does not apply to method '{self.method}' "
+                                     f"(its options: {', '.join(sorted(accepted)) or 'none'})")
+                continue
+            out[kw] = value
+        return out
+
+    def model_kwargs(self) -> dict:
+        opts = dict(self.model_options)
+        if self.widths:
+            if self.model != "mlp":
+                raise ValueError(f"--widths applies to the mlp only, not '{self.model}'")
+            opts["widths"] = tuple(self.widths)
+        return opts
+
+    def validate(self) -> "TrainConfig":
+        """Checks that need more than one field or fall outside the engine's own checks."""
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.method == "dense" and self.sparsity != 0.0:
+            raise ValueError("method 'dense' trains every weight: use --sparsity 0")
+        if self.backend == "sparse":
+            if self.model != "mlp":
+                raise ValueError(f"--backend sparse is for the mlp only (always-sparse SparseLinear), "
+                                 f"not '{self.model}'")
+            if self.method not in ("static", "set", "gse"):
+                raise ValueError(f"--backend sparse supports methods static, set and gse, not "
+                                 f"'{self.method}' (it needs dense gradients)")
+        self.method_options(strict=True)
+        self.model_kwargs()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check and convert one config value (from YAML or a flag) to the field's kind."""
+    if name not in FIELDS:
+        close = [k for k in FIELDS if k.startswith(name[:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown config key '{name}'{hint}")
+    meta = FIELDS[name].metadata
+    kind, choices = meta["kind"], meta["choices"]
+    if value is None:
+        if FIELDS[name].default is None or kind in ("obool",):
+            return None
+        raise ValueError(f"config key '{name}' cannot be empty")
+    try:
+        out = _convert(kind, value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key '{name}': cannot read {value!r} as {_KIND_WORDS[kind]}") from None
+    if choices and out not in choices:
+        raise ValueError(f"config key '{name}': '{out}' is not one of {', '.join(choices)}")
+    return out
+
+
+_KIND_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false",
+               "obool": "true/false", "ints": "a list of integers", "floats": "a list of numbers",
+               "strs": "a list of names", "dict": "a mapping KEY: VALUE"}
+
+
+def _convert(kind: str, value: Any) -> Any:
+    if kind == "int":
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError
+        return str(value)
+    if kind in ("bool", "obool"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ValueError
+    if kind in ("ints", "floats", "strs"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        item = {"ints": "int", "floats": "float", "strs": "str"}[kind]
+        return [_convert(item, v) for v in value]
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise ValueError
+        return {str(k): v for k, v in value.items()}
+    raise AssertionError(kind)
+
+
+def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default: the defaults) with ``values`` applied; keys may use - or _."""
+    changes = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        changes[name] = coerce(name, value)
+    return dataclasses.replace(base or TrainConfig(), **changes)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's mapping (an empty file is an empty mapping)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
+    return data
+
+
+def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    try:
+        return from_dict(read_yaml(path), base)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def save_yaml(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def describe_differences(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ("threads",)) -> list[str]:
+    """``key: a -> b`` for every field that differs (used to refuse mixing runs)."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]!r} -> {db[k]!r}" for k in da if k not in ignore and da[k] != db[k]]
