@@ -178,57 +178,43 @@ class CondensedLinear(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-            return False
-        if self.indices.dtype == torch.int64:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                        or (self.bias is not None and self.bias.requires_grad)):
-            return False
-        return _kernels.load() is not None
+        bias = self.bias
+        return (x.is_cpu and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and self.indices.dtype != torch.int64
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                      or (bias is not None and bias.requires_grad))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"CondensedLinear expects inputs with last dimension {self.in_features}, "
+        in_f = self.in_features
+        if x.shape[-1] != in_f:
+            raise ValueError(f"CondensedLinear expects inputs with last dimension {in_f}, "
                              f"got shape {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        use_kernel = self.backend != "torch" and self._kernel_applies(x2)
-        if self.backend == "kernel" and not use_kernel:
-            reason = _kernels.unavailable_reason() or "input is not float32 on the CPU without autograd"
-            raise RuntimeError(f"CondensedLinear backend='kernel' cannot run: {reason}")
-        rows_bias = None
-        if self.bias is not None:
-            rows_bias = self.bias if self.row_index is None else self.bias[self.row_index]
-        if self.rows == 0 or self.fan_in == 0 or x2.shape[0] == 0:
-            z = x2.new_zeros(x2.shape[0], self.rows)
+        x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+        kern = None
+        if self.backend != "torch":
+            kern = _kernels.load() if self._kernel_applies(x2) else None
+            if kern is None and self.backend == "kernel":
+                reason = _kernels.unavailable_reason() or "input is not float32 on the CPU without autograd"
+                raise RuntimeError(f"CondensedLinear backend='kernel' cannot run: {reason}")
+        bias, row_index = self.bias, self.row_index
+        rows_bias = bias if bias is None or row_index is None else bias[row_index]
+        batch = x2.shape[0]
+        if self.rows == 0 or self.fan_in == 0 or batch == 0:
+            z = x2.new_zeros(batch, self.rows)
             if rows_bias is not None:
                 z = z + rows_bias
-        elif use_kernel:
-            z = self._forward_kernel(x2.contiguous(), rows_bias)
+        elif kern is not None:
+            z = torch.empty(batch, self.rows, dtype=torch.float32)
+            macs = batch * self.rows * self.fan_in
+            kern(x2.contiguous(), self.weight, self.indices, rows_bias, z,
+                 torch.get_num_threads() if macs >= _PARALLEL_MIN_MACS else 1)
         else:
             z = self._forward_torch(x2, rows_bias)
-        if self.row_index is not None:
-            full = x2.new_zeros(x2.shape[0], self.out_features) if self.bias is None else \
-                self.bias.to(x2.dtype).expand(x2.shape[0], -1).clone()
-            z = full.index_copy(1, self.row_index, z)
-        return z.reshape(*lead, self.out_features)
-
-    def _forward_kernel(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        kern = _kernels.load()
-        b = x.shape[0]
-        out = torch.empty(b, self.rows, dtype=torch.float32)
-        macs = b * self.rows * self.fan_in
-        threads = torch.get_num_threads() if macs >= _PARALLEL_MIN_MACS else 1
-        w = self.weight.detach()
-        bias = None if bias is None else bias.detach().contiguous()
-        # measured on this machine (2-core Xeon): per-sample gathers win up to batch 2; beyond,
-        # batch tiles stream the weights once per 16 or 32 samples
-        if b <= 2:
-            kern.rows(x, w, self.indices, bias, out, threads)
-        else:
-            kern.tiled(x, w, self.indices, bias, out, threads, 16 if b <= 16 else 32)
-        return out
+        if row_index is not None:
+            full = x2.new_zeros(batch, self.out_features) if bias is None else \
+                bias.to(x2.dtype).expand(batch, -1).clone()
+            z = full.index_copy(1, row_index, z)
+        return z if x.dim() == 2 else z.reshape(*x.shape[:-1], self.out_features)
 
     def _torch_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.indices.data_ptr(), self.indices._version, self.indices.device)
@@ -240,10 +226,15 @@ class CondensedLinear(nn.Module):
 
     def _forward_torch(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         flat, offsets = self._torch_inputs()
-        # x.T as the embedding table: one bag per output row, weighted sum over its fan-in;
-        # no [B, rows, k] intermediate is ever built
-        z = F.embedding_bag(flat, x.t().contiguous(), offsets, mode="sum",
-                            per_sample_weights=self.weight.reshape(-1).to(x.dtype)).t()
+        w = self.weight.to(x.dtype)
+        if x.shape[0] == 1:
+            # one sample: gather-multiply-sum measured 1.3-1.9x faster than embedding_bag here
+            z = (w * x[0].take(flat.view(self.rows, self.fan_in))).sum(1).unsqueeze(0)
+        else:
+            # x.T as the embedding table: one bag per output row, weighted sum over its fan-in;
+            # no [B, rows, k] intermediate is ever built
+            z = F.embedding_bag(flat, x.t().contiguous(), offsets, mode="sum",
+                                per_sample_weights=w.reshape(-1)).t()
         return z if bias is None else z + bias
 
     def extra_repr(self) -> str:
@@ -279,6 +270,7 @@ class CSRLinear(nn.Module):
         self.register_buffer("col_indices", torch.zeros(nnz, dtype=idt, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=fdt),
                                  requires_grad=False) if bias else None
+        self._csr_cache: tuple | None = None
         if nnz:
             self.crow_indices[-1] = nnz  # an empty-but-valid layout until loaded
             self.col_indices.copy_(torch.arange(nnz, dtype=idt, device=device) % in_features)
@@ -327,10 +319,14 @@ class CSRLinear(nn.Module):
 
     def sparse_weight(self) -> torch.Tensor:
         """The weight as a ``torch.sparse_csr`` tensor sharing this module's storage."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                           (self.out_features, self.in_features), check_invariants=False)
+        parts = (self.crow_indices, self.col_indices, self.values)
+        key = tuple((t.data_ptr(), t._version) for t in parts)
+        if self._csr_cache is None or self._csr_cache[0] != key:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+                csr = torch.sparse_csr_tensor(*parts, (self.out_features, self.in_features), check_invariants=False)
+            self._csr_cache = (key, csr)
+        return self._csr_cache[1]
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense ``[out_features, in_features]`` weight."""
@@ -341,7 +337,7 @@ class CSRLinear(nn.Module):
             raise ValueError(f"CSRLinear expects inputs with last dimension {self.in_features}, "
                              f"got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         w = self.sparse_weight()
         if x2.shape[0] == 1:
             y = torch.addmv(self.bias, w, x2[0]) if self.bias is not None else torch.mv(w, x2[0])
