@@ -109,6 +109,7 @@ def export(model: nn.Module, dst_or_masks: Any, format: str = "condensed", *,
     out = copy.deepcopy(model)
     _strip_training_state(out)
     out.eval()
+    out = _densify_sparse_layers(out, masks)
     params = dict(out.named_parameters())
     with torch.no_grad():
         for name, mask in masks.items():
@@ -156,6 +157,35 @@ def _strip_training_state(model: nn.Module) -> None:
                         getattr(module, extra, {}).pop(key, None)
     for p in model.parameters():
         p.grad = None
+
+
+def _densify_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Always-sparse layers (``regrow.nn.SparseLinear``: values + indices) become nn.Linear + mask.
+
+    Duck-typed on ``regrow_sparse_parameter``, ``active_keys`` and ``to_dense``, so the export
+    works with whatever sparse layer implements that surface. The dense weight is built once
+    here (out x in); the formats below then condense it again.
+    """
+    for name, m in list(model.named_modules()):
+        if not (hasattr(m, "regrow_sparse_parameter") and hasattr(m, "active_keys") and hasattr(m, "to_dense")):
+            continue
+        weight = m.to_dense().detach()
+        bias = getattr(m, "bias", None)
+        linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+        mask[m.active_keys().to(weight.device)] = True
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias.detach())
+        prefix = f"{name}." if name else ""
+        masks.pop(f"{prefix}{m.regrow_sparse_parameter}", None)
+        masks[f"{prefix}weight"] = mask.view_as(weight)
+        if not name:
+            return linear
+        model.set_submodule(name, linear)
+    return model
 
 
 def _is_plain_linear(m: nn.Module) -> bool:

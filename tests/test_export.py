@@ -363,3 +363,15 @@ def test_export_run(tmp_path):
     loaded = load_exported(result["weights"])
     x = torch.randn(5, 1, 8, 8)
     assert_same_outputs(loaded, masked_reference(model, masks), x)
+
+
+def test_always_sparse_layers_export():
+    sparse_linear = pytest.importorskip("regrow.nn.sparse_linear")
+    model = nn.Sequential(sparse_linear.SparseLinear(20, 32, fan_in=4), nn.ReLU(),
+                          sparse_linear.SparseLinear(32, 5, fan_in=6))
+    x = torch.randn(3, 20)
+    for fmt, cls in (("condensed", CondensedLinear), ("csr", CSRLinear), ("dense", nn.Linear)):
+        out = export(model, {}, fmt)
+        assert type(out[0]) is cls and type(out[2]) is cls
+        assert {r["nnz"] for r in out.regrow_export_report} == {128, 30}
+        assert_same_outputs(out, model, x)
