@@ -239,10 +239,12 @@ def cache_dir() -> Path:
 
 def _cpu_id() -> str:
     # -march=native output is CPU-specific: a cache shared across machines must not mix them.
+    # (virtual machines often report a generic model name, so the feature flags are included)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") or line.startswith("flags"):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        ident = [next((ln for ln in lines if ln.startswith(key)), "") for key in ("model name", "flags")]
+        if any(ident):
+            return "\n".join(ident)
     except OSError:
         pass
     return platform.processor() or platform.machine()
