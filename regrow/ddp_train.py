@@ -116,9 +116,17 @@ def wrap(model: nn.Module, group: Group) -> nn.Module:
     """
     if not group.distributed:
         return model
+    ddp = nn.parallel.DistributedDataParallel
+    # An always-sparse layer's index buffers are its topology: rewired identically on every
+    # rank by the engine (and verified by checksum), replaced as new tensors at each rewire.
+    # DDP would broadcast them from rank 0 at every forward: wasted traffic of 2 x N ints.
+    topology = [f"{name}.{buf}" for name, m in model.named_modules() if hasattr(m, "regrow_sparse_parameter")
+                for buf, _ in m.named_buffers(recurse=False)]
+    if topology and hasattr(ddp, "_set_params_and_buffers_to_ignore_for_model"):
+        ddp._set_params_and_buffers_to_ignore_for_model(model, topology)
     if group.device.type == "cuda":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[group.device.index])
-    return nn.parallel.DistributedDataParallel(model)
+        return ddp(model, device_ids=[group.device.index])
+    return ddp(model)
 
 
 def check_batch_size(batch_size: int, group: Group) -> int:

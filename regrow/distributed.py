@@ -82,6 +82,19 @@ def all_reduce_sum(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks, as DDP averages parameter gradients (identity in one process).
+
+    For gradients a backend computes itself from this rank's captured inputs and output
+    gradients (the always-sparse backend's subset gradients): averaged, they are the
+    gradient of the global batch, exactly what DDP makes of ``p.grad``.
+    """
+    if not is_distributed():
+        return tensor
+    (total,) = all_reduce_sum(tensor)
+    return total / dist.get_world_size()
+
+
 def global_rows(local_rows: int) -> tuple[int, int]:
     """``(offset, total)``: where this rank's ``local_rows`` rows sit in the global batch.
 
