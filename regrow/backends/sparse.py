@@ -112,6 +112,17 @@ class SparseLinearTarget(SparseTarget):
         keys = self.active_indices()
         if keys.numel() == 0:
             return torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+        if flat.numel() > 4096:
+            # binary searches of sorted queries walk the keys in order: 4-10x faster than
+            # random-order queries once the keys outgrow the cache (PERF-NOTES)
+            sorted_flat, order = flat.sort()
+            out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+            out[order] = self._lookup(keys, sorted_flat)
+            return out
+        return self._lookup(keys, flat)
+
+    @staticmethod
+    def _lookup(keys: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         pos = torch.searchsorted(keys, flat).clamp_(max=keys.numel() - 1)
         return keys[pos] == flat
 

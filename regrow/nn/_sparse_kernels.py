@@ -1,0 +1,203 @@
+"""Compiled CPU kernels for ``SparseLinear`` (values + indices, unstructured sparsity).
+
+Three loops do all the work of an always-sparse layer, each O(B * nnz) with nothing of size
+out x in:
+
+* ``spmm_rows``: ``out[r, :] = bias[r] + sum_j w[j] * src[idx[j], :]`` over a CSR-like row
+  pointer. With ``src = x^T`` ([in, B]) it is the forward pass; with the transposed (CSC)
+  index and ``src = grad_y^T`` it is the input gradient. Activations are kept feature-major
+  ([features, B]) so each non-zero is one contiguous B-wide multiply-add that the compiler
+  holds in vector registers (the layout SparseProp also uses).
+* ``sddmm``: ``out[j] = <a[r[j], :], b[c[j], :]>``: the weight gradient of the active entries
+  (``a = grad_y^T``, ``b = x^T``), and GSE's gradients of sampled candidate pairs.
+
+The C source is compiled once with the system compiler into a per-user cache and called
+through ``ctypes``; building a torch C++ extension instead costs about 25 s of compile time on
+this 2-core machine for no benefit, since the loops need only raw pointers. If anything fails
+(no compiler, ``REGROW_DISABLE_KERNEL=1``, a non-float32 or non-CPU tensor), callers fall back
+to ``torch.sparse`` (CSR matmul and ``sampled_addmm``), which gives the same results.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = r"""
+#include <stdint.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#define LD(p) (*(const v16 *)(p))
+#define ST(p, v) (*(v16 *)(p) = (v))
+
+/* One row of spmm over NV * 16 consecutive batch columns, accumulators in registers. */
+#define DEFINE_TILE(NV)                                                                         \
+static inline void tile##NV(int64_t s, int64_t e, const int32_t *idx, const float *w,           \
+                            const int32_t *wperm, const float *src, int64_t B, float b0,        \
+                            float *o) {                                                         \
+    v16 acc[NV];                                                                                \
+    for (int u = 0; u < NV; ++u) acc[u] = (v16){0} + b0;                                        \
+    for (int64_t j = s; j < e; ++j) {                                                           \
+        const float wj = wperm ? w[wperm[j]] : w[j];                                            \
+        const float *x = src + (int64_t)idx[j] * B;                                             \
+        for (int u = 0; u < NV; ++u) acc[u] += wj * LD(x + 16 * u);                             \
+    }                                                                                           \
+    for (int u = 0; u < NV; ++u) ST(o + 16 * u, acc[u]);                                        \
+}
+DEFINE_TILE(8)
+DEFINE_TILE(4)
+DEFINE_TILE(1)
+
+void spmm_rows(int64_t n_rows, int64_t B, const int64_t *ptr, const int32_t *idx,
+               const float *w, const int32_t *wperm, const float *src, const float *bias,
+               float *out, int nthreads) {
+    #pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const int64_t s = ptr[r], e = ptr[r + 1];
+        const float b0 = bias ? bias[r] : 0.0f;
+        float *o = out + r * B;
+        int64_t t = 0;
+        for (; t + 128 <= B; t += 128) tile8(s, e, idx, w, wperm, src + t, B, b0, o + t);
+        for (; t + 64 <= B; t += 64) tile4(s, e, idx, w, wperm, src + t, B, b0, o + t);
+        for (; t + 16 <= B; t += 16) tile1(s, e, idx, w, wperm, src + t, B, b0, o + t);
+        for (; t < B; ++t) {
+            float acc = b0;
+            for (int64_t j = s; j < e; ++j)
+                acc += (wperm ? w[wperm[j]] : w[j]) * src[(int64_t)idx[j] * B + t];
+            o[t] = acc;
+        }
+    }
+}
+
+void sddmm(int64_t n, int64_t B, const int32_t *r, const int32_t *c, const float *a,
+           const float *b, float *out, int nthreads) {
+    #pragma omp parallel for schedule(static, 1024) num_threads(nthreads)
+    for (int64_t j = 0; j < n; ++j) {
+        const float *x = a + (int64_t)r[j] * B;
+        const float *y = b + (int64_t)c[j] * B;
+        v16 acc = {0};
+        int64_t t = 0;
+        for (; t + 16 <= B; t += 16) acc += LD(x + t) * LD(y + t);
+        float s = 0.0f;
+        for (; t < B; ++t) s += x[t] * y[t];
+        for (int u = 0; u < 16; ++u) s += acc[u];
+        out[j] = s;
+    }
+}
+"""
+
+# Tried in order: the native build, then a portable one for compilers that reject -march=native.
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+_failure: str | None = None
+
+
+class SparseKernels:
+    """The compiled loops, called on contiguous float32 CPU tensors."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self._spmm = lib.spmm_rows
+        self._spmm.argtypes = [i64, i64, p, p, p, p, p, p, p, cint]
+        self._spmm.restype = None
+        self._sddmm = lib.sddmm
+        self._sddmm.argtypes = [i64, i64, p, p, p, p, p, cint]
+        self._sddmm.restype = None
+
+    def spmm_rows(self, ptr: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                  wperm: torch.Tensor | None, src: torch.Tensor, bias: torch.Tensor | None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out [len(ptr) - 1, B]`` with ``out[r] = bias[r] + sum_j w[wperm[j]] * src[idx[j]]``
+        (``out``, if given, must be a contiguous float32 buffer of that size)."""
+        n_rows, batch = ptr.numel() - 1, src.shape[1]
+        if out is None:
+            out = torch.empty(n_rows, batch, dtype=torch.float32)
+        if n_rows and batch:
+            self._spmm(n_rows, batch, ptr.data_ptr(), idx.data_ptr(), w.data_ptr(),
+                       None if wperm is None else wperm.data_ptr(), src.data_ptr(),
+                       None if bias is None else bias.data_ptr(), out.data_ptr(),
+                       torch.get_num_threads())
+        return out
+
+    def sddmm(self, r: torch.Tensor, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``out[j] = a[r[j]] . b[c[j]]`` for int32 ``r``, ``c`` and [*, B] ``a``, ``b``."""
+        out = torch.empty(r.numel(), dtype=torch.float32)
+        if r.numel():
+            self._sddmm(r.numel(), a.shape[1], r.data_ptr(), c.data_ptr(), a.data_ptr(),
+                        b.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def cache_dir() -> Path:
+    """``$REGROW_CACHE_DIR``, else ``$XDG_CACHE_HOME/regrow``, else ``~/.cache/regrow``."""
+    explicit = os.environ.get("REGROW_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "regrow"
+
+
+def _cpu_id() -> str:
+    # -march=native code is CPU-specific: a cache shared between machines must not mix builds
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        return platform.processor()
+
+
+def _build(cc: str, flags: list[str], target: Path) -> str | None:
+    """Compile into ``target`` atomically (concurrent processes may build at once)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, so = Path(tmp) / "sparse.c", Path(tmp) / "sparse.so"
+        src.write_text(_SOURCE)
+        res = subprocess.run([cc, *flags, "-fPIC", "-shared", "-std=gnu11", str(src), "-o", str(so)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            return f"{cc} {' '.join(flags)} failed: {res.stderr.strip()[:300]}"
+        os.replace(so, target)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> SparseKernels | None:
+    """The compiled kernels, or None (once, with a warning) when they cannot be built."""
+    global _failure
+    if os.environ.get("REGROW_DISABLE_KERNEL") == "1":
+        _failure = "disabled by REGROW_DISABLE_KERNEL=1"
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        _failure = "no C compiler (gcc/cc) on PATH"
+    else:
+        errors = []
+        for flags in _FLAG_SETS:
+            key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_id(), platform.machine()])
+                                 .encode()).hexdigest()[:16]
+            target = cache_dir() / f"sparse_linear_{key}.so"
+            try:
+                err = None if target.exists() else _build(cc, flags, target)
+                if err is None:
+                    return SparseKernels(ctypes.CDLL(str(target)), target)
+                errors.append(err)
+            except OSError as e:   # unwritable cache, a library that fails to load
+                errors.append(str(e))
+        _failure = "; ".join(errors)
+    warnings.warn(f"regrow: SparseLinear falls back to torch.sparse kernels ({_failure})",
+                  RuntimeWarning, stacklevel=2)
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`load` returned None (after it was called), else None."""
+    return _failure

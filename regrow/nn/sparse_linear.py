@@ -1,0 +1,386 @@
+"""SparseLinear: an always-sparse linear layer (values + indices; nothing of size out x in).
+
+The weight is stored as its N active entries: ``values`` [N] (the only weight parameter) and
+int32 ``row_indices`` / ``col_indices`` [N], sorted by (row, col), i.e. CSR order. Forward and
+backward cost O(B * N): the forward and the input gradient are CSR/CSC row loops, the weight
+gradient is computed only for the N active entries (a sampled dense-dense product). Topology
+updates go through :class:`regrow.backends.sparse.SparseLinearTarget`, which also never
+builds an out x in tensor, so a layer can be far wider than a dense weight could be.
+
+Activations flow through the layer feature-major: the output is a transposed view of a
+contiguous ``[out, B]`` tensor, so a following SparseLinear (after an elementwise activation,
+which keeps the layout) reads its input without a copy. Call ``.contiguous()`` on the output
+if a later op needs the row-major layout.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from . import _sparse_kernels
+
+_MAX_FEATURES = 2**31 - 1   # int32 indices
+
+
+class _Topology:
+    """Index structures of one topology, rebuilt after each rewire; immutable, so a forward's
+    saved topology stays valid even if the layer is rewired before its backward. The CSC view
+    (for input gradients) is built on first use: a first layer never needs it."""
+
+    def __init__(self, row: torch.Tensor, col: torch.Tensor, rows: int, cols: int):
+        self.rows, self.cols = rows, cols
+        self.row, self.col = row, col
+        counts = torch.bincount(row.long(), minlength=rows) if row.numel() else torch.zeros(rows, dtype=torch.long, device=row.device)
+        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self._csc: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def csc(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ccol int64 [cols + 1], row int32 [N] in column order, perm int32 [N]: CSR position
+        of each CSC entry)."""
+        if self._csc is None:
+            # entries are sorted by (row, col): a stable sort by col alone gives (col, row) order
+            perm = torch.sort(self.col, stable=True).indices
+            counts = torch.bincount(self.col.long(), minlength=self.cols) if self.col.numel() \
+                else torch.zeros(self.cols, dtype=torch.long, device=self.col.device)
+            ccol = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            self._csc = (ccol, self.row[perm].contiguous(), perm.to(torch.int32))
+        return self._csc
+
+    def csr_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(self.crow, self.col.long(), values, (self.rows, self.cols),
+                                           check_invariants=False)
+
+    def csc_as_csr_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        """W^T as a CSR tensor [cols, rows]."""
+        ccol, row_t, perm = self.csc()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(ccol, row_t.long(), values[perm.long()], (self.cols, self.rows),
+                                           check_invariants=False)
+
+
+class _Capture:
+    """Inputs (feature-major h^T) and output gradients (delta^T) of every call in one step."""
+
+    def __init__(self):
+        self.h: list[torch.Tensor] = []
+        self.delta: dict[int, torch.Tensor] = {}
+
+    def pair(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(h^T [cols, B], delta^T [rows, B])`` over every call, or None if incomplete."""
+        if not self.h or len(self.delta) != len(self.h):
+            return None
+        if len(self.h) == 1:
+            return self.h[0], self.delta[0]
+        return torch.cat(self.h, 1), torch.cat([self.delta[i] for i in range(len(self.h))], 1)
+
+
+def _use_kernel(*tensors: torch.Tensor) -> _sparse_kernels.SparseKernels | None:
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return _sparse_kernels.load()
+    return None
+
+
+def sampled_grad(topo_rows: int, r: torch.Tensor, c: torch.Tensor, h_t: torch.Tensor,
+                 delta_t: torch.Tensor) -> torch.Tensor:
+    """``sum_b delta[b, r_j] * h[b, c_j]`` for each pair (int32 ``r``, ``c``), from
+    feature-major ``h^T [cols, B]`` and ``delta^T [rows, B]``; O(B) per pair."""
+    kernels = _use_kernel(h_t, delta_t)
+    if kernels is not None:
+        return kernels.sddmm(r, c, delta_t.contiguous(), h_t.contiguous())
+    # torch.sparse route: sampled_addmm over a CSR pattern of the pairs, sorted row-major
+    key = r.long() * h_t.shape[0] + c.long()
+    order = torch.argsort(key)
+    rs, cs = r.long()[order], c.long()[order]
+    counts = torch.bincount(rs, minlength=topo_rows)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, cs, torch.zeros(rs.numel(), dtype=h_t.dtype, device=h_t.device),
+                                          (topo_rows, h_t.shape[0]), check_invariants=False)
+        vals = torch.sparse.sampled_addmm(pattern, delta_t, h_t.t(), beta=0.0).values()
+    out = torch.empty_like(vals)
+    out[order] = vals
+    return out
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W given by (values, topology); gradients for x, values and bias."""
+
+    @staticmethod
+    def forward(ctx, x2d, values, bias, topo: _Topology, capture: _Capture | None):
+        x_t = x2d.t().contiguous()   # free when x is itself a feature-major view
+        kernels = _use_kernel(x_t, values) if bias is None else _use_kernel(x_t, values, bias)
+        batch = x_t.shape[1]
+        # y [B, out] laid out feature-major (strides (1, B)): not a view, so in-place ops
+        # after the layer (ReLU(inplace=True)) are allowed, and the next layer reads y^T free
+        y = torch.empty_strided((batch, topo.rows), (1, batch), dtype=x_t.dtype, device=x_t.device)
+        if kernels is not None:
+            kernels.spmm_rows(topo.crow, topo.col, values.contiguous(), None, x_t,
+                              None if bias is None else bias.contiguous(), out=y.t())
+        else:
+            y_t = torch.sparse.mm(topo.csr_tensor(values), x_t)
+            y.t().copy_(y_t if bias is None else y_t + bias[:, None])
+        ctx.save_for_backward(x_t, values)
+        ctx.topo, ctx.has_bias = topo, bias is not None
+        ctx.capture = capture
+        if capture is not None:
+            ctx.call = len(capture.h)
+            capture.h.append(x_t)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_t, values = ctx.saved_tensors
+        topo: _Topology = ctx.topo
+        g_t = grad_y.t().contiguous()
+        if ctx.capture is not None:
+            ctx.capture.delta[ctx.call] = g_t
+        kernels = _use_kernel(g_t, x_t, values)
+        grad_x = grad_v = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if kernels is not None:
+                ccol, row_t, perm = topo.csc()
+                grad_x = kernels.spmm_rows(ccol, row_t, values.contiguous(), perm, g_t, None).t()
+            else:
+                grad_x = torch.sparse.mm(topo.csc_as_csr_tensor(values), g_t).t()
+        if ctx.needs_input_grad[1]:
+            grad_v = sampled_grad(topo.rows, topo.row, topo.col, x_t, g_t) if kernels is None \
+                else kernels.sddmm(topo.row, topo.col, g_t, x_t)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g_t.sum(1)
+        return grad_x, grad_v, grad_b, None, None
+
+
+def _even_counts(rows: int, nnz: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-row counts summing to nnz that differ by at most one (random rows get the extra)."""
+    counts = torch.full((rows,), nnz // rows, dtype=torch.long)
+    extra = nnz - int(counts.sum())
+    if extra:
+        counts[torch.randperm(rows, generator=gen)[:extra]] += 1
+    return counts
+
+
+def constant_fan_in(rows: int, cols: int, counts: torch.Tensor,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random connections with ``counts[r]`` distinct inputs in row r (counts differ by at most
+    one), as (row, col) int64 sorted by (row, col); each row's inputs are a uniform subset.
+
+    Cost O(N log k) for k = max fan-in when k <= cols / 2 (rejection of repeated columns);
+    otherwise O(rows * cols), which is then at most 2N.
+    """
+    kmax = int(counts.max()) if rows else 0
+    if kmax == 0:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, empty
+    if kmax > cols:
+        raise ValueError(f"fan-in {kmax} exceeds in_features {cols}")
+    if 2 * kmax > cols:
+        # dense-ish: a uniform k-subset per row from random keys, in row chunks
+        chunk = max(1, (1 << 22) // cols)
+        picked = [torch.rand(min(chunk, rows - s), cols, generator=gen).argsort(1)[:, :kmax]
+                  for s in range(0, rows, chunk)]
+        col = torch.cat(picked).sort(1).values
+    else:
+        col = torch.randint(cols, (rows, kmax), generator=gen).sort(1).values
+        while True:   # redraw repeated columns in the rows that have any
+            dup = torch.zeros_like(col, dtype=torch.bool)
+            dup[:, 1:] = col[:, 1:] == col[:, :-1]
+            bad_rows = dup.any(1).nonzero().squeeze(1)
+            if bad_rows.numel() == 0:
+                break
+            sub, sub_dup = col[bad_rows], dup[bad_rows]
+            sub[sub_dup] = torch.randint(cols, (int(sub_dup.sum()),), generator=gen)
+            col[bad_rows] = sub.sort(1).values
+    keep = torch.ones_like(col, dtype=torch.bool)
+    short = (counts < kmax).nonzero().squeeze(1)
+    if short.numel():
+        # drop one uniformly chosen input from each shorter row (a uniform subset of a uniform subset)
+        if int((kmax - counts).max()) > 1:
+            raise ValueError("constant_fan_in needs per-row counts that differ by at most one")
+        keep[short, torch.randint(kmax, (short.numel(),), generator=gen)] = False
+    row = torch.arange(rows).unsqueeze(1).expand(rows, kmax)
+    return row[keep], col[keep]
+
+
+class SparseLinear(nn.Module):
+    """A linear layer that stores only its active weights; DynamicSparsity rewires it in place.
+
+    ``y = x W^T + b`` where W [out_features, in_features] is represented by ``values`` [N] at
+    positions ``(row_indices, col_indices)``. Memory and time are O(N + B * (in + out)).
+
+    Args:
+        in_features, out_features: the dense shape's sizes.
+        density: fraction of the out x in weights that are active; N = round(density * out * in),
+            spread over the output neurons as evenly as possible (constant fan-in).
+        fan_in: instead of ``density``, the number of inputs of every output neuron
+            (N = fan_in * out_features): N then grows linearly with width.
+        bias: learn an additive bias.
+        seed: seeds the initial topology and the initial values.
+        device, dtype: of the values and bias (indices are int32 on the same device).
+
+    Initial values are U(-1/sqrt(k), 1/sqrt(k)) with k the neuron's actual fan-in: nn.Linear's
+    default rule applied to the inputs a neuron really has (with the dense fan-in, a neuron with
+    64 of 10^6 inputs would start with almost no signal). The bias uses the same bound.
+
+    When the layer is handed to :class:`regrow.DynamicSparsity`, ``values`` is the sparsified
+    parameter; the layer keeps its own N (the engine's density allocation does not apply).
+    """
+
+    regrow_sparse_parameter = "values"
+
+    def __init__(self, in_features: int, out_features: int, density: float | None = None, *,
+                 fan_in: int | None = None, bias: bool = True, seed: int = 0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _MAX_FEATURES:
+                raise ValueError(f"{name} must be an integer in [1, 2**31 - 1], got {n!r}")
+        if (density is None) == (fan_in is None):
+            raise ValueError("give exactly one of density (fraction of weights active) or fan_in (inputs per neuron)")
+        if density is not None:
+            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+                raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+            nnz = max(1, round(density * out_features * in_features))
+        else:
+            if isinstance(fan_in, bool) or not isinstance(fan_in, int) or not 1 <= fan_in <= in_features:
+                raise ValueError(f"fan_in must be an integer in [1, in_features={in_features}], got {fan_in!r}")
+            nnz = fan_in * out_features
+        self.in_features, self.out_features, self.seed = in_features, out_features, seed
+        gen = torch.Generator().manual_seed(seed)
+        row, col = constant_fan_in(out_features, in_features, _even_counts(out_features, nnz, gen), gen)
+        factory = {"device": device, "dtype": dtype}
+        self.values = nn.Parameter(torch.empty(nnz, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("row_indices", row.to(device=device, dtype=torch.int32))
+        self.register_buffer("col_indices", col.to(device=device, dtype=torch.int32))
+        self._topo: _Topology | None = None
+        self._capture: _Capture | None = None
+        self._armed = False
+        self.reset_parameters(gen)
+
+    # -- construction --------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Values and bias from U(-b, b), b = 1/sqrt(mean fan-in)."""
+        bound = self.init_bound()
+        vals = torch.rand(self.values.shape, generator=generator, dtype=torch.float32) * 2 - 1
+        self.values.copy_(vals * bound)
+        if self.bias is not None:
+            self.bias.copy_((torch.rand(self.out_features, generator=generator) * 2 - 1) * bound)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> "SparseLinear":
+        """A SparseLinear holding ``weight``'s entries where ``mask`` is set (default: non-zeros).
+
+        Reads the dense [out, in] weight once; meant for tests and conversions of small layers.
+        """
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        mask = weight != 0 if mask is None else mask.to(torch.bool)
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}")
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, fan_in=1, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        row, col = mask.nonzero(as_tuple=True)   # row-major: sorted by (row, col)
+        with torch.no_grad():
+            layer._assign(row, col, weight.detach()[row, col].clone())
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.in_features * self.out_features)
+
+    def init_bound(self) -> float:
+        """1/sqrt(mean fan-in): the bound of initial (and randomly regrown) values."""
+        return 1.0 / math.sqrt(max(1.0, self.nnz / self.out_features))
+
+    def active_keys(self) -> torch.Tensor:
+        """Flat indices ``row * in_features + col`` of the active weights, sorted (int64)."""
+        return self.row_indices.long() * self.in_features + self.col_indices.long()
+
+    def to_dense(self) -> torch.Tensor:
+        """The [out, in] weight as a dense tensor (allocates out x in: small layers only)."""
+        w = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        w[self.row_indices.long(), self.col_indices.long()] = self.values.detach()
+        return w
+
+    def topology(self) -> _Topology:
+        if self._topo is None:
+            self._topo = _Topology(self.row_indices, self.col_indices, self.out_features, self.in_features)
+        return self._topo
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        capture = self._capture if (self._armed and torch.is_grad_enabled() and self.values.requires_grad) else None
+        y = _SparseLinearFunction.apply(x2d, self.values, self.bias, self.topology(), capture)
+        return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
+
+    # -- used by the sparse backend --------------------------------------------------------
+    def arm_capture(self) -> None:
+        """Record inputs and output gradients of the next training forward/backward."""
+        self._armed = True
+        self._capture = _Capture()
+
+    def disarm_capture(self) -> None:
+        self._armed = False
+        self._capture = None
+
+    def captured(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(h^T [in, B], delta^T [out, B])`` of the armed step, or None."""
+        return None if self._capture is None else self._capture.pair()
+
+    @torch.no_grad()
+    def _assign(self, row: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the topology (sorted by (row, col)) and values; keeps the Parameter object
+        so optimizers keep holding it (in place when N is unchanged)."""
+        dev = self.values.device
+        self.row_indices = row.to(device=dev, dtype=torch.int32).contiguous()
+        self.col_indices = col.to(device=dev, dtype=torch.int32).contiguous()
+        values = values.to(device=dev, dtype=self.values.dtype)
+        if values.shape == self.values.shape:
+            self.values.copy_(values)
+        else:
+            self.values.data = values.contiguous()
+        self._topo = None
+
+    def make_regrow_target(self, name: str, budget: int, optimizer_state):
+        """The engine's hook: a sparse-backend target. ``budget`` is ignored (see the class doc)."""
+        from ..backends.sparse import SparseLinearTarget
+        return SparseLinearTarget(name, self, optimizer_state)
+
+    # -- checkpoints with a different N ----------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        vals = state_dict.get(prefix + "values")
+        if vals is not None and vals.shape != self.values.shape:
+            # a checkpoint of the same layer after a drop-only update: resize before copying
+            with torch.no_grad():
+                self.values.data = torch.empty_like(vals, device=self.values.device, dtype=self.values.dtype)
+            n = vals.numel()
+            self.row_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
+            self.col_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
+        self._topo = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"density={self.density:.4g}, bias={self.bias is not None}")

@@ -1,0 +1,169 @@
+"""SparseLinear: equal to a masked nn.Linear in value and gradients, on both kernel routes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from regrow.nn import _sparse_kernels
+from regrow.nn.sparse_linear import SparseLinear, _even_counts, constant_fan_in
+from regrow.nn.sparsify import sparse_mlp, sparsify
+
+
+@pytest.fixture(params=["kernel", "torch.sparse"])
+def route(request, monkeypatch):
+    """Run a test on the compiled kernels and on the torch.sparse fallback."""
+    if request.param == "kernel":
+        if _sparse_kernels.load() is None:
+            pytest.skip(f"compiled kernels unavailable: {_sparse_kernels.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(_sparse_kernels, "load", lambda: None)
+    return request.param
+
+
+def masked_twin(layer: SparseLinear) -> nn.Linear:
+    """An nn.Linear whose weight is the layer's weights at the active positions, zero elsewhere."""
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(layer.to_dense())
+        if layer.bias is not None:
+            lin.bias.copy_(layer.bias)
+    return lin
+
+
+@pytest.mark.parametrize("shape,density,batch", [((37, 23), 0.15, 5), ((64, 200), 0.05, 130), ((20, 9), 1.0, 17)])
+def test_matches_masked_linear(route, shape, density, batch):
+    torch.manual_seed(0)
+    in_f, out_f = shape
+    layer = SparseLinear(in_f, out_f, density, seed=4)
+    lin = masked_twin(layer)
+    x = torch.randn(batch, in_f, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = layer(x), lin(x2)
+    torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y2)
+    y.backward(g)
+    y2.backward(g)
+    rows, cols = layer.row_indices.long(), layer.col_indices.long()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.values.grad, lin.weight.grad[rows, cols], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, lin.bias.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_gradcheck_float64(monkeypatch):
+    monkeypatch.setattr(_sparse_kernels, "load", lambda: None)   # float64 takes the torch.sparse route anyway
+    layer = SparseLinear(6, 5, 0.4, seed=1, dtype=torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v, b: torch.func.functional_call(
+        layer, {"values": v, "bias": b}, (x,)), (x, layer.values, layer.bias))
+
+
+def test_output_layout_allows_inplace_activation_and_3d_input(route):
+    layer = SparseLinear(12, 8, 0.5, seed=2)
+    nxt = SparseLinear(8, 3, 0.5, seed=3)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    h = nn.ReLU(inplace=True)(layer(x))
+    assert h.shape == (2, 4, 8)
+    out = nxt(h)
+    out.sum().backward()
+    ref = masked_twin(nxt)(torch.relu(masked_twin(layer)(x)))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert x.grad is not None and layer.values.grad.shape == layer.values.shape
+
+
+def test_no_weight_grad_for_frozen_values(route):
+    layer = SparseLinear(10, 7, 0.3, bias=False)
+    layer.values.requires_grad_(False)
+    x = torch.randn(4, 10, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.values.grad is None and x.grad is not None
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 60), frac=st.floats(0.01, 1.0), seed=st.integers(0, 99))
+def test_constant_fan_in_rows_are_distinct_uniform_subsets(rows, cols, frac, seed):
+    nnz = max(1, round(frac * rows * cols))
+    gen = torch.Generator().manual_seed(seed)
+    counts = _even_counts(rows, nnz, gen)
+    row, col = constant_fan_in(rows, cols, counts, gen)
+    assert row.numel() == nnz
+    assert torch.equal(torch.bincount(row, minlength=rows), counts)
+    assert int(counts.max() - counts.min()) <= 1
+    key = row * cols + col
+    assert bool((key[1:] > key[:-1]).all()), "keys must be strictly increasing (sorted, distinct)"
+    assert int(col.min()) >= 0 and int(col.max()) < cols
+
+
+def test_constructor_density_fan_in_and_seed():
+    a = SparseLinear(1000, 300, fan_in=16, seed=7)
+    assert a.nnz == 300 * 16
+    assert torch.equal(torch.bincount(a.row_indices.long()), torch.full((300,), 16))
+    b = SparseLinear(1000, 300, fan_in=16, seed=7)
+    assert torch.equal(a.col_indices, b.col_indices) and torch.equal(a.values, b.values)
+    c = SparseLinear(1000, 300, fan_in=16, seed=8)
+    assert not torch.equal(a.col_indices, c.col_indices)
+    d = SparseLinear(50, 40, density=0.1)
+    assert d.nnz == 200 and d.row_indices.dtype == torch.int32
+    # values follow the actual fan-in: U(-1/sqrt(16), 1/sqrt(16)), not the dense 1/sqrt(1000)
+    assert 0.2 < float(a.values.detach().abs().max()) <= 0.25
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({}, "exactly one of"), ({"density": 0.1, "fan_in": 3}, "exactly one of"),
+    ({"density": 0.0}, "density"), ({"density": 1.5}, "density"), ({"fan_in": 0}, "fan_in"),
+    ({"fan_in": 11}, "fan_in"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseLinear(10, 4, **kwargs)
+
+
+def test_wrong_input_width():
+    with pytest.raises(ValueError, match="expects inputs with 10 features"):
+        SparseLinear(10, 4, 0.5)(torch.randn(3, 9))
+
+
+def test_from_dense_round_trip_and_resizing_state_dict():
+    w = torch.randn(6, 9) * (torch.rand(6, 9) < 0.3)
+    layer = SparseLinear.from_dense(w, bias=torch.randn(6))
+    assert torch.equal(layer.to_dense(), w) and layer.nnz == int((w != 0).sum())
+    other = SparseLinear(9, 6, 0.9, seed=1)
+    other.load_state_dict(layer.state_dict())
+    assert other.nnz == layer.nnz and torch.equal(other.to_dense(), w)
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(other(x), layer(x))
+
+
+def test_sparsify_converts_linear_layers_with_allocated_counts():
+    from regrow.density import allocate_counts
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(inplace=True), nn.Linear(128, 10))
+    sparsify(model, sparsity=0.9, distribution="erk", seed=3)
+    layers = [m for m in model if isinstance(m, SparseLinear)]
+    assert len(layers) == 2 and not any(isinstance(m, nn.Linear) for m in model)
+    want = allocate_counts({"1": (128, 64), "3": (10, 128)}, 0.1, "erk")
+    assert [m.nnz for m in layers] == [want["1"], want["3"]]
+    out = model(torch.randn(5, 1, 8, 8))
+    assert out.shape == (5, 10)
+
+
+def test_sparsify_fan_in_dense_layers_and_errors():
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 5))
+    sparsify(model, fan_in=8, dense_layers=["2"])
+    assert isinstance(model[0], SparseLinear) and model[0].nnz == 20 * 8
+    assert type(model[2]) is nn.Linear
+    with pytest.raises(ValueError, match="exactly one"):
+        sparsify(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="unknown module"):
+        sparsify(nn.Sequential(nn.Linear(3, 3)), sparsity=0.5, dense_layers=["nope"])
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        sparsify(nn.Sequential(nn.ReLU()), sparsity=0.5)
+
+
+def test_sparse_mlp_is_linear_in_width():
+    small = sparse_mlp(784, [1000, 1000], 10, fan_in=32)
+    big = sparse_mlp(784, [4000, 4000], 10, fan_in=32)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert 3.9 < n(big) / n(small) < 4.1
+    assert big(torch.randn(2, 784)).shape == (2, 10)
