@@ -11,8 +11,9 @@ A run directory holds
 Exact resume: the data order of epoch e is a permutation drawn from a generator seeded by
 (seed, e), so a resumed run rebuilds it and skips the batches already consumed; every other
 random stream (global torch RNG for dropout, the DST generator) is restored from the
-checkpoint. Under DDP a sampler would shard that permutation per rank (see
-:func:`epoch_order`) and only the main process would write (``is_main_process``).
+checkpoint. Under torchrun (see regrow.ddp_train) a seeded DistributedSampler deals that same
+permutation out to the ranks, so the global batches are the single-process ones, the model is
+wrapped in DDP, and only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from . import __version__, ddp_train
 from .checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint, save_checkpoint
 from .config import TrainConfig, describe_differences, from_dict, save_yaml
+from .distributed import mask_checksum
 from .engine import DynamicSparsity
 from .flops import TrainFlops, growth_cost, gse_subset_fraction, measure_layer_flops
 
@@ -215,6 +217,10 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         ValueError / FileNotFoundError: bad configuration, data or run directory.
     """
     out = Path(out_dir)
+    # under torchrun (regrow.cli joined the process group): rank 0 alone writes and reports
+    group = ddp_train.current_group()
+    is_main_process = is_main_process and group.is_main
+    progress, log = progress and is_main_process, log if is_main_process else None
     state = None
     if resume:
         if read_summary(out) is not None:
@@ -242,7 +248,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     model = build_model(config, data.in_shape, data.num_classes)
     optimizer = make_optimizer(config, model)
     n_train = len(data.train)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    steps_per_epoch = ddp_train.steps_per_epoch(n_train, config.batch_size, group)   # ceil(n / batch)
     total_steps = config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))
     dst = make_sparsity(config, model, optimizer, total_steps)
@@ -261,7 +267,8 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         torch.set_rng_state(state["rng"])
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
         history, wall_before = list(state["history"]), float(state["wall_seconds"])
-        running = _Epoch(**state["running"])
+        # the checkpoint holds the sums over all ranks: one rank carries them on
+        running = _Epoch(**state["running"]) if group.is_main else _Epoch(seconds=state["running"]["seconds"])
     elif is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(config, out / CONFIG_NAME)
@@ -274,6 +281,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         return wall_before + time.perf_counter() - session_start
 
     def checkpoint(epoch: int, batch: int) -> None:
+        totals = _over_ranks(running, group)   # a collective: every rank gets here
         if not is_main_process:
             return
         save_checkpoint({
@@ -281,10 +289,12 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "dst": dst.state_dict(),
             "flops": flops.state_dict(), "rng": torch.get_rng_state(), "history": history,
-            "running": running.state(), "wall_seconds": wall(),
+            "running": totals.state(), "wall_seconds": wall(),
             "masks": _masks(dst), "in_shape": list(data.in_shape), "num_classes": data.num_classes,
         }, out / CHECKPOINT_NAME)
 
+    # DDP all-reduces gradients; DynamicSparsity keeps working on the unwrapped model
+    net = ddp_train.wrap(model, group)
     densities, counts = _densities(dst), _nnz(dst)
     epochs_bar = _progress(range(start_epoch, config.epochs), desc=f"{config.method} {config.sparsity:g}",
                            initial=start_epoch, total=config.epochs, unit="epoch",
@@ -292,7 +302,8 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     model.train()
     for epoch in epochs_bar:
         data.train.set_epoch(epoch)
-        order = epoch_order(n_train, config.seed, epoch)
+        # this rank's share of each global batch (one process: epoch_order's batches)
+        batches = ddp_train.epoch_batches(n_train, config.batch_size, config.seed, epoch, group)
         first = start_batch if epoch == start_epoch else 0
         if first == 0:
             running = _Epoch()
@@ -301,10 +312,10 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                               disable=not progress, position=progress_position + 1)
         t_epoch = time.perf_counter()
         for b in steps_bar:
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            idx = batches[b]
             x, y = data.train.get_batch(idx)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
+            logits = net(x)
             loss = loss_fn(logits, y)
             loss.backward()
 
@@ -315,7 +326,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                 frac = dst.schedule.fraction(t_next)
                 subset = {name: gse_subset_fraction(nnz, numel, dst.method.gamma, frac)
                           for name, (nnz, numel) in counts.items()}
-            flops.add_step(densities, len(idx), growth if update else "none", subset)
+            flops.add_step(densities, len(idx) * group.world_size, growth if update else "none", subset)
             dst.step()
             scheduler.step()
             if update:
@@ -340,6 +351,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                 checkpoint(epoch, b + 1)
         steps_bar.close()
         running.seconds += time.perf_counter() - t_epoch
+        running = _over_ranks(running, group)
 
         test_acc, test_loss = evaluate(model, data.test, config.eval_batch_size)
         stats = dst.stats()
@@ -367,9 +379,18 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     epochs_bar.close()
 
     summary = _summary(config, model, dst, flops, history, data, wall())
+    summary.update(world_size=group.world_size, mask_checksum=mask_checksum(dst.targets))
     if is_main_process:
         _write_json(out / SUMMARY_NAME, summary)
     return summary
+
+
+def _over_ranks(running: _Epoch, group: ddp_train.Group) -> _Epoch:
+    """The epoch's loss/accuracy sums over all ranks (the time is this rank's)."""
+    if not group.distributed:
+        return running
+    loss_sum, correct, seen = ddp_train.sum_over_ranks(running.loss_sum, running.correct, running.seen)
+    return _Epoch(loss_sum, int(correct), int(seen), running.seconds)
 
 
 def _masks(dst: DynamicSparsity) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ with the whole batch to check that two ranks with batch b equal one process with
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -24,6 +25,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from regrow import DynamicSparsity
+from regrow.checkpoint import load_checkpoint
+from regrow.config import TrainConfig
 from regrow.ddp_train import (Group, current_group, epoch_batches, process_group_from_env, steps_per_epoch,
                               sum_over_ranks, wrap)
 from regrow.distributed import (MaskDivergenceError, all_reduce_sum, check_masks_agree, global_rows,
@@ -392,3 +395,65 @@ def test_one_process_is_a_group_of_one(monkeypatch):
         assert wrap(model, group) is model
         assert sum_over_ranks(1.0, 2.0) == (1.0, 2.0)
     assert not dist.is_initialized()
+
+
+# -- regrow.train under a process group (what `torchrun -m regrow train` runs on each rank) ------
+# synthetic: 2000 samples, global batch 100 -> 20 steps per epoch, no sampler padding
+RUN = TrainConfig(dataset="synthetic", widths=[32], epochs=2, batch_size=100, update_interval=4,
+                  sparsity=0.8, method="rigl", threads=1)
+
+
+def _train_ranks(rank, world, root, runs):
+    from regrow.train import train as train_run
+    out = {}
+    for name, kwargs in runs:
+        run_dir = os.path.join(root, name if kwargs.pop("shared", True) else f"{name}-rank{rank}")
+        out[name] = train_run(kwargs.pop("config", None), run_dir, **kwargs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_training(tmp_path_factory):
+    """(run folder, every rank's return values, the single-process summary)."""
+    from regrow.train import train as train_run
+    root = tmp_path_factory.mktemp("ddp_train")
+    # first, so the forked ranks inherit its imports (data, tqdm, yaml: seconds otherwise)
+    single = train_run(RUN, root / "single")
+    runs = [("whole", {"config": RUN, "shared": False}),
+            ("broken", {"config": RUN.replace(checkpoint_every=6), "stop_after_steps": 27}),
+            ("broken", {"resume": True})]
+    ranks = [_value(r) for r in launch(root, _train_ranks, str(root), runs)]
+    return root, ranks, single
+
+
+def test_ddp_training_writes_from_rank_zero_only(ddp_training):
+    root, ranks, _ = ddp_training
+    assert not (root / "whole-rank1").exists()
+    summary = json.loads((root / "whole-rank0" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 40 and summary["updates"] == 7
+    assert summary["batch_size"] == 100   # the global batch
+    assert ranks[1]["whole"]["mask_checksum"] == summary["mask_checksum"]   # every rank ends alike
+    assert len((root / "whole-rank0" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_ddp_training_equals_one_process(ddp_training):
+    root, _, single = ddp_training
+    two = json.loads((root / "whole-rank0" / "summary.json").read_text())
+    assert single["world_size"] == 1
+    assert two["mask_checksum"] == single["mask_checksum"]
+    assert two["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=2 / 500)  # <= 1 sample flips
+    assert two["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4)
+    assert two["train_flops_ratio"] == pytest.approx(single["train_flops_ratio"])
+
+
+def test_ddp_resume_is_bitwise(ddp_training):
+    root, _, _ = ddp_training
+    whole, broken = (load_checkpoint(root / d / "checkpoint.pt") for d in ("whole-rank0", "broken"))
+    for key, value in whole["model"].items():
+        assert torch.equal(value, broken["model"][key]), key
+    for name, mask in whole["masks"].items():
+        assert torch.equal(mask, broken["masks"][name]), name
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]  # noqa: E731
+    assert drop(whole["history"]) == drop(broken["history"])
+    sw, sb = (json.loads((root / d / "summary.json").read_text()) for d in ("whole-rank0", "broken"))
+    assert sw["mask_checksum"] == sb["mask_checksum"] and sb["world_size"] == 2
