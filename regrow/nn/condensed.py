@@ -8,7 +8,8 @@ dense tensors, so they save to safetensors and load without pickle.
 same fan-in k, so the weight is ``weight [rows, k]`` with input indices ``indices [rows, k]``
 and ``y[b, o] = bias[o] + sum_j weight[o, j] * x[b, indices[o, j]]``. On the CPU, with float32
 and no autograd, it runs a small compiled kernel (``regrow.nn._kernels``); otherwise, or if the
-kernel cannot be built, a fused ``F.embedding_bag`` gather-sum (autograd-capable, any device).
+kernel cannot be built, plain PyTorch: a fused ``F.embedding_bag`` gather-sum for batches, a
+``take``-multiply-sum for one sample (autograd-capable, any device).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class CondensedLinear(nn.Module):
     ``backend`` ("auto", "kernel", "torch") picks the implementation; "auto" uses the
     compiled kernel when it applies (CPU, float32, no autograd) and "kernel" raises if not.
     Parameters are created with ``requires_grad=False``; set it to train through the layer
-    (then the autograd-capable ``embedding_bag`` path runs).
+    (then the autograd-capable PyTorch path runs).
     """
 
     def __init__(self, in_features: int, out_features: int, fan_in: int, bias: bool = True,
