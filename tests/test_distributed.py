@@ -212,16 +212,6 @@ def sparse_ddp_runs(data, tmp_path_factory):
     return [_value(r) for r in ranks]
 
 
-def _sparse_grad_is_rank_averaged() -> bool:
-    import inspect
-
-    from regrow.backends.sparse import SparseLinearTarget
-    return "all_reduce_mean" in inspect.getsource(SparseLinearTarget.grad_at)
-
-
-@pytest.mark.xfail(not _sparse_grad_is_rank_averaged(), strict=True,
-                   reason="SparseLinearTarget.grad_at must average its subset gradient over ranks "
-                          "(regrow.distributed.all_reduce_mean); without it GSE's choices differ per rank")
 @pytest.mark.parametrize("scenario", list(SPARSE_SCENARIOS))
 def test_always_sparse_layers_under_ddp(sparse_ddp_runs, data, scenario):
     # values is an nn.Parameter (DDP all-reduces its gradient); the subset gradients GSE scores

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import all_reduce_mean
 from ..optim_state import OptimizerStateMasker
 from .base import SparseTarget
 
@@ -144,7 +145,9 @@ class SparseLinearTarget(SparseTarget):
         flat = flat.to(torch.long)
         r = torch.div(flat, self.cols, rounding_mode="floor").to(torch.int32)
         c = (flat % self.cols).to(torch.int32)
-        return sampled_grad(self.rows, r, c, h_t, delta_t)
+        # h and delta are this rank's shard of the batch: under DDP average over ranks, as DDP
+        # does for p.grad, so that every rank scores (and grows) the same connections
+        return all_reduce_mean(sampled_grad(self.rows, r, c, h_t, delta_t))
 
     def activations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         pair = self.layer.captured()
