@@ -209,6 +209,13 @@ def _log(args):
 
 
 def cmd_train(args) -> int:
+    from .ddp_train import process_group_from_env
+    # under torchrun every rank runs this command: join the others; rank 0 alone reports
+    with process_group_from_env() as group:
+        return _train_command(args, quiet=args.quiet or not group.is_main)
+
+
+def _train_command(args, *, quiet: bool) -> int:
     from .train import train
     if args.resume:
         extra = [f for f in given_config_flags(args) if f != "--threads"]
@@ -225,7 +232,7 @@ def cmd_train(args) -> int:
         config = resolve_config(args)
         out = Path(args.out or f"runs/{config.method}-sp{config.sparsity:g}-seed{config.seed}")
         summary = train(config, out, progress=_show_progress(args), log=_log(args))
-    if not args.quiet:
+    if not quiet:
         print(f"{summary['method']} at sparsity {summary['sparsity']:g}: test accuracy "
               f"{100 * summary['test_accuracy']:.2f}% (best {100 * summary['best_test_accuracy']:.2f}%), "
               f"density {summary['final_density']:.4f}, ITOP {summary['itop_rate']:.3f}, "

@@ -12,6 +12,8 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -74,6 +76,7 @@ def _entry(rank: int, world: int, store: str, out: str, fn, args) -> None:
 
 def launch(tmp_path, fn, *args, world: int = WORLD) -> list[dict]:
     """Run ``fn(rank, world, *args)`` in ``world`` forked ranks; each rank's result or error."""
+    import torch._dynamo  # noqa: F401  DDP imports it on first use: seconds per rank unless inherited
     store = tmp_path / "store"
     mp.start_processes(_entry, args=(world, str(store), str(tmp_path), fn, args), nprocs=world,
                        start_method="fork")
@@ -447,3 +450,23 @@ def test_ddp_resume_is_bitwise(ddp_training):
     assert drop(whole["history"]) == drop(broken["history"])
     sw, sb = (json.loads((root / d / "summary.json").read_text()) for d in ("whole-rank0", "broken"))
     assert sw["mask_checksum"] == sb["mask_checksum"] and sb["world_size"] == 2
+
+
+# -- end to end: torchrun, two processes, the built-in digits -------------------------------------
+@pytest.mark.slow
+def test_torchrun_train_end_to_end(tmp_path):
+    from regrow.cli import main
+    flags = ["--dataset", "digits", "--epochs", "1", "--widths", "32", "--update-interval", "4",
+             "--method", "rigl", "--threads", "1", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "regrow", "train", *flags, "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 12 and summary["updates"] == 2
+    assert {"checkpoint.pt", "config.yaml", "metrics.jsonl"} <= {p.name for p in (tmp_path / "ddp").iterdir()}
+    # the same command in one process takes the same global batches and ends with the same masks
+    assert main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
+    single = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert single["world_size"] == 1 and summary["mask_checksum"] == single["mask_checksum"]
