@@ -58,8 +58,18 @@ def choose_backend(device: torch.device) -> str:
 
 
 def current_group(device: torch.device | str | None = None) -> Group:
-    """The group this process already belongs to (one process of one if none)."""
+    """The group this process already belongs to (one process of one if none).
+
+    Raises:
+        ValueError: torchrun started this process but it joined no process group: every
+            rank would train alone and they would all write the same files.
+    """
     if not (dist.is_available() and dist.is_initialized()):
+        if launched_by_torchrun():
+            raise ValueError(
+                f"regrow: started by torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) but no process group was "
+                "joined; `regrow train` joins it (in Python: regrow.ddp_train.init_from_env()), while "
+                "`regrow compare` and `regrow demo` run in one process only")
         return Group(device=torch.device(device or "cpu"))
     backend = dist.get_backend()
     local = int(os.environ.get("LOCAL_RANK", "0"))

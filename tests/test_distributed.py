@@ -452,6 +452,16 @@ def test_ddp_resume_is_bitwise(ddp_training):
     assert sw["mask_checksum"] == sb["mask_checksum"] and sb["world_size"] == 2
 
 
+def test_torchrun_without_a_process_group_is_refused(monkeypatch, tmp_path):
+    # e.g. `torchrun -m regrow compare`: each rank would train alone into the same folders
+    from regrow.train import train as train_run
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="no process group was joined"):
+        train_run(RUN, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 # -- end to end: torchrun, two processes, the built-in digits -------------------------------------
 @pytest.mark.slow
 def test_torchrun_train_end_to_end(tmp_path):
