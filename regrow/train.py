@@ -245,7 +245,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     from .data import load
     data = load(config.dataset, config.data_dir, val_fraction=config.val_fraction,
                 augment=config.augment, seed=config.seed)
-    model = build_model(config, data.in_shape, data.num_classes)
+    model = build_model(config, data.in_shape, data.num_classes).to(group.device)   # cpu but for torchrun on GPUs
     optimizer = make_optimizer(config, model)
     n_train = len(data.train)
     steps_per_epoch = ddp_train.steps_per_epoch(n_train, config.batch_size, group)   # ceil(n / batch)
@@ -314,6 +314,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         for b in steps_bar:
             idx = batches[b]
             x, y = data.train.get_batch(idx)
+            x, y = x.to(group.device, non_blocking=True), y.to(group.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             logits = net(x)
             loss = loss_fn(logits, y)
