@@ -21,8 +21,9 @@ from .config import FIELDS, TrainConfig, from_dict, load_yaml
 DEMO_METHODS = ("static", "set", "rigl", "gse", "dstee", "srigl")
 DEFAULT_COMPARE_METHODS = "static,set,rigl,gse,dstee,srigl"
 # the demo: a small MLP on the built-in digits (1437 training images of 8x8), 45 steps/epoch
-DEMO_CONFIG = dict(dataset="digits", model="mlp", widths=[128, 128], epochs=30, batch_size=32,
+DEMO_CONFIG = dict(dataset="digits", model="mlp", widths=[128, 128], epochs=20, batch_size=32,
                    lr=0.05, update_interval=15, drop_fraction=0.3, distribution="erk")
+DEMO_SPARSITY = (0.9, 0.98)
 _FLAG_NAMES = {"model_options": "--model-option"}
 
 
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", formatter_class=fmt, help="a two-minute comparison on the built-in digits data",
         description="A short comparison on scikit-learn's digits (no files, no network): an MLP 64-128-128-10, "
-                    f"methods {','.join(DEMO_METHODS)} and a dense baseline at 90%% sparsity, one seed, "
+                    f"methods {','.join(DEMO_METHODS)} and a dense baseline at "
+                    f"{' and '.join(f'{100 * x:g}%%' for x in DEMO_SPARSITY)} sparsity, one seed, "
                     f"{DEMO_CONFIG['epochs']} epochs. Prints the table and writes the plots to OUT/plots.")
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=DEMO_CONFIG["epochs"],
@@ -274,7 +276,7 @@ def cmd_report(args) -> int:
 
 def cmd_demo(args) -> int:
     config = from_dict({**DEMO_CONFIG, "epochs": args.epochs, "threads": args.threads})
-    report = _compare(config, list(DEMO_METHODS), [0.9], [0], args.out, dense=True, plots=True, args=args)
+    report = _compare(config, list(DEMO_METHODS), list(DEMO_SPARSITY), [0], args.out, dense=True, plots=True, args=args)
     _print_report(report, args.quiet)
     return 0
 

@@ -376,7 +376,11 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", test=f"{test_acc:.4f}",
                                density=f"{row['density']:.3f}")
         if log is not None:
-            log(_epoch_line(config, row))
+            if progress:   # print above the bars instead of through them
+                from tqdm.auto import tqdm
+                tqdm.write(_epoch_line(config, row))
+            else:
+                log(_epoch_line(config, row))
     epochs_bar.close()
 
     summary = _summary(config, model, dst, flops, history, data, wall())

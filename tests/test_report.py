@@ -32,7 +32,7 @@ def test_compare_then_skip_then_report(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
     capsys.readouterr()
     (out / "rigl-sp0.8-seed1" / "summary.json").unlink()          # as if interrupted after training
-    assert main([a for a in argv if a != "--quiet"]) == 0
+    assert main([a for a in argv if a != "--quiet"] + ["--no-plots"]) == 0
     log = capsys.readouterr().out.splitlines()
     assert sum("finished earlier" in line for line in log) == 9
     assert any(line.startswith("rigl-sp0.8-seed1: test accuracy") for line in log)
