@@ -118,11 +118,12 @@ def render_markdown(results: dict) -> str:
         f"dT {setup['update_interval']}, drop fraction {setup['drop_fraction']} ({setup['drop_schedule']}), "
         f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}).")
     lines += ["", "Test accuracy (%), final epoch, mean ± std over seeds; best per column in bold.", ""]
-    lines.append("| Method | " + " | ".join(_pct(s) for s in sparsities) + " |")
-    lines.append("|---|" + "---|" * len(sparsities))
     dense = results.get("dense")
+    columns = [_pct(s) for s in sparsities] or ["Test accuracy"]   # dense runs alone: one column
+    lines.append("| Method | " + " | ".join(columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
     if dense is not None:
-        lines.append("| Dense | " + " | ".join(_pm(dense["test_accuracy"]) for _ in sparsities) + " |")
+        lines.append("| Dense | " + " | ".join(_pm(dense["test_accuracy"]) for _ in columns) + " |")
     best = {}
     for s in sparsities:
         means = [(cells[(m, s)]["test_accuracy"]["mean"], m) for m in results["methods"] if (m, s) in cells]

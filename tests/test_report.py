@@ -105,3 +105,9 @@ def test_report_without_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
     assert "no finished runs" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 1
+
+
+def test_report_of_dense_runs_only(tmp_path):
+    _fake_run(tmp_path, "dense", 0.0, 0, 0.9, itop=1.0)
+    text = write_report(tmp_path, plots=False)["markdown"]
+    assert "| Method | Test accuracy |" in text and "| Dense | 90.00 |" in text
