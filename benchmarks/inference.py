@@ -293,6 +293,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run (fewer sizes, rounds and models)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path")
+    ap.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default 1 2)")
+    ap.add_argument("--widths", type=int, nargs="+", default=None, help="layer widths (default 1024 4096 8192)")
+    ap.add_argument("--skip-models", action="store_true", help="layers only")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
     if args.quick:
@@ -302,13 +305,17 @@ def main(argv=None) -> None:
         widths, sparsities, batches, threads, rounds, budget = ([1024, 4096, 8192], [0.8, 0.9, 0.95, 0.98, 0.99],
                                                                 [1, 256], [1, 2], 7, 1.0)
         conv_configs = [(16, 32, 1, 0.9), (64, 8, 1, 0.9), (64, 16, 1, 0.9), (64, 16, 64, 0.9), (64, 16, 1, 0.98)]
+    threads = args.threads or threads
+    widths = args.widths or widths
+    if args.skip_models:
+        conv_configs = []
     out = args.out or RESULTS / ("inference_quick.json" if args.quick else "inference.json")
     info = machine()
     print(f"# inference benchmark  {info['date']}  {info['cpu']}  {info['cores']} cores  torch {info['torch']}")
     print(f"# kernel: {info['kernel']}")
     t0 = time.time()
     layers = bench_layers(widths, sparsities, batches, threads, rounds, budget, print)
-    models = bench_models(args.quick, batches, threads, rounds, budget, print)
+    models = [] if args.skip_models else bench_models(args.quick, batches, threads, rounds, budget, print)
     convs = bench_conv(conv_configs, threads, rounds, budget / 2, print)
     result = {"machine": info, "quick": args.quick, "seconds": time.time() - t0,
               "layers": layers, "models": models, "conv": convs}
