@@ -96,10 +96,12 @@ def test_dense_mask_is_refused_for_huge_layers():
 
 
 # -- rewiring --------------------------------------------------------------------------------
-def test_merge_sorted():
-    merged, is_new = merge_sorted(torch.tensor([1, 5, 9]), torch.tensor([0, 6, 10, 11]))
-    assert merged.tolist() == [0, 1, 5, 6, 9, 10, 11]
-    assert is_new.tolist() == [True, False, False, True, False, True, True]
+@settings(max_examples=50, deadline=None)
+@given(st.sets(st.integers(0, 10**12), max_size=60), st.sets(st.integers(0, 10**12), max_size=60))
+def test_merge_sorted_is_the_sorted_union(a, b):
+    b = b - a
+    merged = merge_sorted(torch.tensor(sorted(a), dtype=torch.long), torch.tensor(sorted(b), dtype=torch.long))
+    assert merged.tolist() == sorted(a | b)
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import all_reduce_mean
+from ..nn import _sparse_kernels
 from ..optim_state import OptimizerStateMasker
 from .base import SparseTarget
 
@@ -35,31 +36,46 @@ DENSE_MASK_LIMIT = 1 << 26
 _ENUMERATE_FACTOR = 4
 
 
-def merge_sorted(kept: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two sorted, disjoint int64 key vectors.
+def _is_sorted(x: torch.Tensor) -> bool:
+    return x.numel() < 2 or bool((x[1:] >= x[:-1]).all())
 
-    Returns ``(merged, is_new)``: the sorted union and a bool vector marking where the
-    entries of ``new`` landed (``merged[~is_new] == kept``, ``merged[is_new] == new``).
-    O(len(kept) + len(new) log len(kept)).
+
+def merge_positions(kept: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the entries of two sorted, disjoint key vectors land in their sorted union.
+
+    Returns ``(kept_dst, new_dst)``: a new entry's position is its own index plus the number of
+    kept entries below it (binary searches); the kept entries fill the other positions in order.
+    O(len(kept) + len(new) log len(kept)), no sort.
     """
-    pos = torch.searchsorted(kept, new) + torch.arange(new.numel(), device=new.device)
-    is_new = torch.zeros(kept.numel() + new.numel(), dtype=torch.bool, device=kept.device)
-    is_new[pos] = True
-    merged = torch.empty(is_new.numel(), dtype=kept.dtype, device=kept.device)
-    merged[is_new] = new
-    merged[~is_new] = kept
-    return merged, is_new
+    new_dst = torch.arange(new.numel(), device=new.device) + torch.searchsorted(kept, new)
+    is_kept = torch.ones(kept.numel() + new.numel(), dtype=torch.bool, device=kept.device)
+    is_kept[new_dst] = False
+    return is_kept.nonzero().squeeze(1), new_dst
 
 
-def _reindexed(old: torch.Tensor, keep: torch.Tensor, is_new: torch.Tensor,
-               new_values: torch.Tensor | None = None) -> torch.Tensor:
-    """``old``'s kept entries in their merged positions; grown positions get ``new_values``
-    (zero when None)."""
-    out = torch.zeros(is_new.numel(), dtype=old.dtype, device=old.device)
-    out[~is_new] = old[keep]
-    if new_values is not None:
-        out[is_new] = new_values.to(old.dtype)
-    return out
+def merge_sorted(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The sorted union of two sorted, disjoint int64 key vectors."""
+    kept_dst, new_dst = merge_positions(kept, new)
+    merged = torch.empty(kept.numel() + new.numel(), dtype=kept.dtype, device=kept.device)
+    merged[kept_dst] = kept
+    merged[new_dst] = new
+    return merged
+
+
+class _Plan:
+    """How a rewire moves entries: ``old[src]`` goes to ``kept_dst``; grown entries fill ``new_dst``."""
+
+    def __init__(self, src: torch.Tensor, kept_dst: torch.Tensor, new_dst: torch.Tensor):
+        self.src, self.kept_dst, self.new_dst = src, kept_dst, new_dst
+        self.size = kept_dst.numel() + new_dst.numel()
+
+    def apply(self, old: torch.Tensor, new_values: torch.Tensor | None = None) -> torch.Tensor:
+        """``old`` re-indexed; grown positions get ``new_values`` (zero when None)."""
+        out = (torch.zeros if new_values is None else torch.empty)(self.size, dtype=old.dtype, device=old.device)
+        out[self.kept_dst] = old[self.src]
+        if new_values is not None:
+            out[self.new_dst] = new_values.to(old.dtype)
+        return out
 
 
 class SparseLinearTarget(SparseTarget):
@@ -110,10 +126,13 @@ class SparseLinearTarget(SparseTarget):
         return self.layer.values.detach()
 
     def is_active(self, flat: torch.Tensor) -> torch.Tensor:
+        pos = self._locate(flat)
+        if pos is not None:
+            return (pos >= 0).view(flat.shape)
         keys = self.active_indices()
         if keys.numel() == 0:
             return torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-        if flat.numel() > 4096:
+        if flat.numel() > 4096 and not _is_sorted(flat):
             # binary searches of sorted queries walk the keys in order: 4-10x faster than
             # random-order queries once the keys outgrow the cache (PERF-NOTES)
             sorted_flat, order = flat.sort()
@@ -121,6 +140,14 @@ class SparseLinearTarget(SparseTarget):
             out[order] = self._lookup(keys, sorted_flat)
             return out
         return self._lookup(keys, flat)
+
+    def _locate(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """Storage positions of flat keys (-1 if inactive) by the compiled kernel, else None."""
+        if self.device.type != "cpu" or (kernels := _sparse_kernels.load()) is None:
+            return None
+        # binary search inside each query's row segment: no sorting of queries, no key array
+        topo = self.layer.topology()
+        return kernels.locate(flat.reshape(-1).to(torch.long), self.cols, topo.crow, topo.col)
 
     @staticmethod
     def _lookup(keys: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -182,46 +209,55 @@ class SparseLinearTarget(SparseTarget):
     # -- changing the topology -----------------------------------------------------------
     @torch.no_grad()
     def rewire(self, drop: torch.Tensor, grow: torch.Tensor, grow_values: torch.Tensor) -> None:
-        keys = self.active_indices()
-        drop = drop.to(device=keys.device, dtype=torch.long)
-        grow = grow.to(device=keys.device, dtype=torch.long)
+        n = self.nnz
+        drop = drop.to(device=self.device, dtype=torch.long)
+        grow = grow.to(device=self.device, dtype=torch.long)
         if grow_values.numel() != grow.numel():
             raise ValueError(f"rewire of '{self.name}': {grow.numel()} grown connections but {grow_values.numel()} values")
-        pos = torch.searchsorted(keys, drop)
-        if pos.numel() and (int(pos.max()) >= keys.numel() or not bool((keys[pos] == drop).all())):
+        pos = self._locate(drop)
+        if pos is None:
+            keys = self.active_indices()
+            pos = torch.searchsorted(keys, drop).clamp_(max=max(n - 1, 0))
+            if n:
+                pos[keys[pos] != drop] = -1
+        if pos.numel() and (n == 0 or int(pos.min()) < 0):
             raise ValueError(f"rewire of '{self.name}': a dropped connection is not active")
-        keep = torch.ones(keys.numel(), dtype=torch.bool, device=keys.device)
+        keep = torch.ones(n, dtype=torch.bool, device=self.device)
         keep[pos] = False
-        if int(keep.sum()) != keys.numel() - drop.numel():
+        if int(keep.sum()) != n - drop.numel():
             raise ValueError(f"rewire of '{self.name}': duplicate dropped connections")
-        grow, order = grow.sort()
-        grow_values = grow_values.to(keys.device)[order]
+        grow_values = grow_values.to(self.device)
+        if not _is_sorted(grow):   # GSE and SET hand over sorted indices: no sort needed then
+            grow, order = grow.sort()
+            grow_values = grow_values[order]
         if grow.numel() and (bool(self.is_active(grow).any()) or bool((grow[1:] == grow[:-1]).any())
                              or int(grow[0]) < 0 or int(grow[-1]) >= self.numel):
             raise ValueError(f"rewire of '{self.name}': grown connections must be distinct, inactive and in range")
 
-        merged, is_new = merge_sorted(keys[keep], grow)
+        src = keep.nonzero().squeeze(1)
+        plan = _Plan(src, *merge_positions(self.active_indices()[src], grow))
         layer = self.layer
         param = layer.values
         old_n = param.numel()
         state = self._optimizer_state.optimizer.state.get(param, {})
         for name, buf in list(state.items()):
             if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
-                new = _reindexed(buf, keep, is_new)
+                new = plan.apply(buf)
                 if new.numel() == old_n:
                     buf.copy_(new)
                 else:
                     state[name] = new
         grad = param.grad
-        new_grad = None if grad is None else _reindexed(grad, keep, is_new)
-        rows = torch.div(merged, self.cols, rounding_mode="floor")
-        layer._assign(rows, merged - rows * self.cols, _reindexed(param.detach(), keep, is_new, grow_values))
+        new_grad = None if grad is None else plan.apply(grad)
+        grow_row = torch.div(grow, self.cols, rounding_mode="floor")
+        layer._assign(plan.apply(layer.row_indices, grow_row), plan.apply(layer.col_indices, grow - grow_row * self.cols),
+                      plan.apply(param.detach(), grow_values))
         if new_grad is not None:
             if new_grad.shape == grad.shape:
                 grad.copy_(new_grad)
             else:
                 param.grad = new_grad
-        self._keys = merged
+        self._keys = None
         self._add_ever(grow)
 
     def _add_ever(self, grow: torch.Tensor) -> None:
@@ -231,7 +267,7 @@ class SparseLinearTarget(SparseTarget):
         if ever.numel():
             pos = torch.searchsorted(ever, grow).clamp_(max=ever.numel() - 1)
             grow = grow[ever[pos] != grow]
-        self._ever = merge_sorted(ever, grow)[0]
+        self._ever = merge_sorted(ever, grow)
 
     def state_dict(self) -> dict:
         return {"ever_active": self._ever.clone()}

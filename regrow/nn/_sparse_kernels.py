@@ -11,6 +11,10 @@ out x in:
 * ``sddmm``: ``out[j] = <a[r[j], :], b[c[j], :]>``: the weight gradient of the active entries
   (``a = grad_y^T``, ``b = x^T``), and GSE's gradients of sampled candidate pairs.
 
+Two helpers for topology updates avoid sorting, which costs about 0.2 us per int64 element
+here (0.46 s for 2M keys on one thread): ``locate`` (position of flat keys, a binary search in the
+row's own column segment) and ``csc_perm`` (counting sort of the entries by column).
+
 The C source is compiled once with the system compiler into a per-user cache and called
 through ``ctypes``; building a torch C++ extension instead costs about 25 s of compile time on
 this 2-core machine for no benefit, since the loops need only raw pointers. If anything fails
@@ -93,6 +97,35 @@ void sddmm(int64_t n, int64_t B, const int32_t *r, const int32_t *c, const float
         out[j] = s;
     }
 }
+
+/* out[j] = position of key[j] = row * cols + col among the stored entries, or -1: a binary
+   search inside the row's own (short, sorted) column segment, so queries need no sorting and
+   the search stays within a cache line or two. */
+void locate(int64_t n, const int64_t *key, int64_t cols, int64_t rows, const int64_t *ptr,
+            const int32_t *col, int64_t *out, int nthreads) {
+    #pragma omp parallel for schedule(static, 4096) num_threads(nthreads)
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t k = key[j];
+        int64_t found = -1;
+        if (k >= 0 && k < rows * cols) {
+            const int64_t r = k / cols;
+            const int32_t c = (int32_t)(k - r * cols);
+            int64_t lo = ptr[r], hi = ptr[r + 1];
+            while (lo < hi) {
+                const int64_t mid = lo + ((hi - lo) >> 1);
+                if (col[mid] < c) lo = mid + 1; else hi = mid;
+            }
+            if (lo < ptr[r + 1] && col[lo] == c) found = lo;
+        }
+        out[j] = found;
+    }
+}
+
+/* Counting sort by column of entries stored in (row, col) order: perm[p] is the CSR position
+   of the p-th entry in (col, row) order. next[] starts as the CSC column pointer. O(N + cols). */
+void csc_perm(int64_t n, const int32_t *col, int64_t *next, int32_t *perm) {
+    for (int64_t j = 0; j < n; ++j) perm[next[col[j]]++] = (int32_t)j;
+}
 """
 
 # Tried in order: the native build, then a portable one for compilers that reject -march=native.
@@ -112,6 +145,12 @@ class SparseKernels:
         self._sddmm = lib.sddmm
         self._sddmm.argtypes = [i64, i64, p, p, p, p, p, cint]
         self._sddmm.restype = None
+        self._locate = lib.locate
+        self._locate.argtypes = [i64, p, i64, i64, p, p, p, cint]
+        self._locate.restype = None
+        self._csc_perm = lib.csc_perm
+        self._csc_perm.argtypes = [i64, p, p, p]
+        self._csc_perm.restype = None
 
     def spmm_rows(self, ptr: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                   wperm: torch.Tensor | None, src: torch.Tensor, bias: torch.Tensor | None,
@@ -135,6 +174,25 @@ class SparseKernels:
             self._sddmm(r.numel(), a.shape[1], r.data_ptr(), c.data_ptr(), a.data_ptr(),
                         b.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
+
+
+    def locate(self, keys: torch.Tensor, cols: int, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """int64 [len(keys)]: the storage position of each flat key ``row * cols + col`` in the
+        CSR structure (``crow`` int64, ``col`` int32 sorted within rows), or -1 if absent."""
+        keys = keys.contiguous()
+        out = torch.empty(keys.numel(), dtype=torch.long)
+        if keys.numel():
+            self._locate(keys.numel(), keys.data_ptr(), cols, crow.numel() - 1, crow.data_ptr(),
+                         col.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def csc_perm(self, col: torch.Tensor, ccol: torch.Tensor) -> torch.Tensor:
+        """int32 permutation taking (row, col)-ordered entries to (col, row) order."""
+        perm = torch.empty(col.numel(), dtype=torch.int32)
+        nxt = ccol[:-1].clone()   # kept alive across the call
+        if col.numel():
+            self._csc_perm(col.numel(), col.data_ptr(), nxt.data_ptr(), perm.data_ptr())
+        return perm
 
 
 def cache_dir() -> Path:

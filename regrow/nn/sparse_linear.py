@@ -41,12 +41,16 @@ class _Topology:
         """(ccol int64 [cols + 1], row int32 [N] in column order, perm int32 [N]: CSR position
         of each CSC entry)."""
         if self._csc is None:
-            # entries are sorted by (row, col): a stable sort by col alone gives (col, row) order
-            perm = torch.sort(self.col, stable=True).indices
             counts = torch.bincount(self.col.long(), minlength=self.cols) if self.col.numel() \
                 else torch.zeros(self.cols, dtype=torch.long, device=self.col.device)
             ccol = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            self._csc = (ccol, self.row[perm].contiguous(), perm.to(torch.int32))
+            kernels = _sparse_kernels.load() if self.col.device.type == "cpu" else None
+            if kernels is not None:
+                perm = kernels.csc_perm(self.col, ccol)   # counting sort, O(N + cols)
+            else:
+                # entries are sorted by (row, col): a stable sort by col alone gives (col, row) order
+                perm = torch.sort(self.col, stable=True).indices.to(torch.int32)
+            self._csc = (ccol, self.row[perm.long()].contiguous(), perm)
         return self._csc
 
     def csr_tensor(self, values: torch.Tensor) -> torch.Tensor:
