@@ -127,8 +127,13 @@ def _resolve_masks(model: nn.Module, dst_or_masks: Any) -> dict[str, torch.Tenso
     if not isinstance(masks, Mapping):
         raise ValueError(f"expected a DynamicSparsity or a dict of masks, got {type(dst_or_masks).__name__}")
     params = dict(model.named_parameters())
+    # always-sparse layers carry their own topology; masks given for them are not needed
+    own_topology = {f"{n}.{m.regrow_sparse_parameter}" if n else m.regrow_sparse_parameter
+                    for n, m in model.named_modules() if _is_sparse_layer(m)}
     resolved = {}
     for name, mask in masks.items():
+        if name in own_topology:
+            continue
         if name not in params:
             raise ValueError(f"mask '{name}' names no parameter of the model")
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(params[name].shape):
@@ -159,6 +164,10 @@ def _strip_training_state(model: nn.Module) -> None:
         p.grad = None
 
 
+def _is_sparse_layer(m: nn.Module) -> bool:
+    return hasattr(m, "regrow_sparse_parameter") and hasattr(m, "active_keys") and hasattr(m, "to_dense")
+
+
 def _densify_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """Always-sparse layers (``regrow.nn.SparseLinear``: values + indices) become nn.Linear + mask.
 
@@ -167,7 +176,7 @@ def _densify_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> 
     here (out x in); the formats below then condense it again.
     """
     for name, m in list(model.named_modules()):
-        if not (hasattr(m, "regrow_sparse_parameter") and hasattr(m, "active_keys") and hasattr(m, "to_dense")):
+        if not _is_sparse_layer(m):
             continue
         weight = m.to_dense().detach()
         bias = getattr(m, "bias", None)
@@ -179,9 +188,7 @@ def _densify_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> 
             linear.weight.copy_(weight)
             if bias is not None:
                 linear.bias.copy_(bias.detach())
-        prefix = f"{name}." if name else ""
-        masks.pop(f"{prefix}{m.regrow_sparse_parameter}", None)
-        masks[f"{prefix}weight"] = mask.view_as(weight)
+        masks[f"{name}.weight" if name else "weight"] = mask.view_as(weight)
         if not name:
             return linear
         model.set_submodule(name, linear)
@@ -845,6 +852,8 @@ def export_run(run_dir: str | Path, format: str = "condensed", out_path: str | P
             "options": config.model_kwargs()}
     out = Path(out_path) if out_path is not None else run_dir / f"exported-{format}"
     saved = save_exported(exported, out, arch=arch)
+    dense_params = sum(p.numel() for p in model.parameters()) + sum(  # always-sparse layers at full size
+        m.in_features * m.out_features - getattr(m, m.regrow_sparse_parameter).numel()
+        for m in model.modules() if _is_sparse_layer(m))
     return {"report": exported.regrow_export_report, **saved,
-            "params": sum(p.numel() for p in exported.parameters()),
-            "dense_params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in exported.parameters()), "dense_params": dense_params}

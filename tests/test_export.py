@@ -375,3 +375,18 @@ def test_always_sparse_layers_export():
         assert type(out[0]) is cls and type(out[2]) is cls
         assert {r["nnz"] for r in out.regrow_export_report} == {128, 30}
         assert_same_outputs(out, model, x)
+
+
+def test_export_run_of_an_always_sparse_run(tmp_path):
+    train_mod = pytest.importorskip("regrow.train")
+    pytest.importorskip("regrow.nn.sparse_linear")
+    from regrow.config import TrainConfig
+
+    config = TrainConfig(dataset="digits", widths=[32], epochs=1, batch_size=128, update_interval=4,
+                         method="set", sparsity=0.8, threads=1, backend="sparse")
+    train_mod.train(config, tmp_path / "run")
+    result = export_run(tmp_path / "run", "csr")
+    assert result["dense_params"] == 64 * 32 + 32 + 32 * 10 + 10
+    model, _, _ = train_mod.load_trained(tmp_path / "run")
+    x = torch.randn(5, 1, 8, 8)
+    assert_same_outputs(load_exported(result["weights"]), model.eval(), x)
