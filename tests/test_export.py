@@ -201,7 +201,8 @@ def zoo(name, in_shape, **options):
     models = pytest.importorskip("regrow.models")
     torch.manual_seed(0)
     model = randomize(models.build(name, 10, in_shape, **options))
-    model.regrow_arch = {"name": name, "num_classes": 10, "in_shape": list(in_shape), "options": options}
+    # build() records how to rebuild the model, so save_exported needs no arch= argument
+    assert model.regrow_arch == {"name": name, "num_classes": 10, "in_shape": list(in_shape), "options": options}
     return model
 
 

@@ -82,7 +82,11 @@ def build(name: str, num_classes: int, in_shape: tuple[int, ...], **options: obj
         )
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    return builder(int(num_classes), tuple(int(s) for s in in_shape), **options)
+    model = builder(int(num_classes), tuple(int(s) for s in in_shape), **options)
+    # how to rebuild it: lets regrow.save_exported describe the architecture without pickling code
+    model.regrow_arch = {"name": name.lower(), "num_classes": int(num_classes),
+                         "in_shape": [int(s) for s in in_shape], "options": dict(options)}
+    return model
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:
