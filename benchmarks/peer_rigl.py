@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -102,7 +103,8 @@ class Runner:
             self.dst = DynamicSparsity(self.model, self.opt, method="rigl", sparsity=args.sparsity,
                                        dense_layers=["net.fc1"], **common)
         elif name == "rigl_torch":
-            # after the LR scheduler: it replaces optimizer.step with a plain function
+            # after the LR scheduler: it replaces optimizer.step with a plain function (the LR
+            # scheduler then warns that step() was overridden; expected, silenced in main())
             self.pruner = RigLScheduler(self.model, self.opt, dense_allocation=density,
                                         sparsity_distribution="uniform", T_end=int(0.75 * total_steps),
                                         delta=args.delta, alpha=args.alpha, ignore_linear_layers=False)
@@ -154,6 +156,7 @@ def main() -> None:
     args.widths = [64, 32] if args.quick else [300, 100]
     args.batch_size = args.batch_size or (32 if args.quick else 128)
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
 
     RigLScheduler, standin = import_rigl_torch()
     data = load("digits") if args.quick else load("mnist", args.data_dir)
