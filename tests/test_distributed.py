@@ -62,23 +62,26 @@ ALL_SCENARIOS = {**SCENARIOS, **SPARSE_SCENARIOS}
 
 
 # -- the launcher ------------------------------------------------------------------------------
-def _entry(rank: int, world: int, store: str, out: str, fn, args) -> None:
+def _entry(rank: int, world: int, store: str | None, out: str, fn, args) -> None:
     torch.set_num_threads(1)   # two ranks on a shared 2-core machine; also fork-safe for OpenMP
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if store is not None:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         result = {"ok": True, "value": fn(rank, world, *args)}
     except Exception as e:  # reported to the test, which asserts on it
         result = {"ok": False, "type": type(e).__name__, "message": str(e), "trace": traceback.format_exc()}
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 
-def launch(tmp_path, fn, *args, world: int = WORLD) -> list[dict]:
-    """Run ``fn(rank, world, *args)`` in ``world`` forked ranks; each rank's result or error."""
+def launch(tmp_path, fn, *args, world: int = WORLD, group: bool = True) -> list[dict]:
+    """Run ``fn(rank, world, *args)`` in ``world`` forked ranks sharing a gloo process group
+    (none with ``group=False``: ``fn`` joins one itself); each rank's result or error."""
     import torch._dynamo  # noqa: F401  DDP imports it on first use: seconds per rank unless inherited
-    store = tmp_path / "store"
-    mp.start_processes(_entry, args=(world, str(store), str(tmp_path), fn, args), nprocs=world,
+    store = str(tmp_path / "store") if group else None
+    mp.start_processes(_entry, args=(world, store, str(tmp_path), fn, args), nprocs=world,
                        start_method="fork")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
@@ -355,25 +358,22 @@ def test_batch_size_must_split_evenly():
 
 
 def _from_env(rank, world, port):
+    # what torchrun puts in each worker's environment
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.destroy_process_group()   # the launcher's group: join the one torchrun would describe
     with process_group_from_env() as group:
         sums = sum_over_ranks(rank + 1.5, 10)
         joined = (group.rank, group.world_size, group.backend, group.device.type, group.is_main)
         model = wrap(nn.Linear(2, 2), group)
     created_and_destroyed = not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"file://{os.environ['REGROW_TEST_STORE']}_2",
-                            rank=rank, world_size=world)   # so the launcher can tear down
     return {"sums": sums, "joined": joined, "ddp": isinstance(model, DDP), "closed": created_and_destroyed}
 
 
-def test_process_group_from_torchrun_environment(tmp_path, monkeypatch):
+def test_process_group_from_torchrun_environment(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("REGROW_TEST_STORE", str(tmp_path / "store"))
-    results = [_value(r) for r in launch(tmp_path, _from_env, port)]
+    results = [_value(r) for r in launch(tmp_path, _from_env, port, group=False)]
     for rank, res in enumerate(results):
         assert res["sums"] == (4.0, 20.0)
         assert res["joined"] == (rank, 2, "gloo", "cpu", rank == 0)
