@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -115,11 +116,12 @@ def make_model(kind: str) -> nn.Module:
 
 def train(scenario: str, data, *, rank: int = 0, world: int = 1, batch: int = WORLD * BATCH,
           ddp: bool = False, seed: int = 0, check_masks: bool = True, perturb: tuple | None = None,
-          uneven: int = 0) -> dict:
+          uneven: int = 0, nan_at: tuple | None = None) -> dict:
     """Train one scenario; this rank sees rows ``[rank * batch, (rank + 1) * batch)`` of each
     global batch of ``world * batch`` rows. ``perturb=(step, rank, layer)`` rewires one
     connection of ``layer`` on that rank after that step (a test-only divergence). ``uneven``
-    extra rows go to the last rank (local batch sizes then differ)."""
+    extra rows go to the last rank (local batch sizes then differ). ``nan_at=(step, rank)``
+    feeds that rank a NaN input at that step."""
     method, options, kind = ALL_SCENARIOS[scenario]
     x, y = data
     model = make_model(kind)
@@ -131,8 +133,11 @@ def train(scenario: str, data, *, rank: int = 0, world: int = 1, batch: int = WO
     for step in range(1, STEPS + 1):
         lo = (step - 1) * stride + rank * batch
         hi = lo + batch + (uneven if rank == world - 1 else 0)
+        xb = x[lo:hi].clone()
+        if nan_at == (step, rank):
+            xb[0] = float("nan")
         opt.zero_grad()
-        F.cross_entropy(net(x[lo:hi]), y[lo:hi]).backward()   # mean loss: DDP averages gradients
+        F.cross_entropy(net(xb), y[lo:hi]).backward()   # mean loss: DDP averages gradients
         dst.step()
         if perturb is not None and perturb[0] == step and perturb[1] == rank:
             target = next(t for t in dst.targets if t.name == perturb[2])
@@ -273,6 +278,23 @@ def test_check_can_be_switched_off(tmp_path, data):
     # the divergence was real: it was only not checked
     assert torch.equal(first["1.weight"], second["1.weight"])
     assert not torch.equal(first["3.weight"], second["3.weight"])
+
+
+def _run_nan(rank, world, data):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = train("rigl", data, rank=rank, world=world, batch=BATCH, ddp=True, nan_at=(16, 1))
+    skipped = [str(w.message) for w in caught if "non-finite gradient" in str(w.message)]
+    return {"all_masks": gather_masks(run["masks"]), "updates": run["updates"], "skipped": skipped}
+
+
+def test_non_finite_gradient_on_one_rank_skips_the_update_on_all(tmp_path, data):
+    # a NaN in rank 1's batch reaches every rank through DDP's all-reduce: all skip update 16
+    results = [_value(r) for r in launch(tmp_path, _run_nan, data)]
+    for res in results:
+        assert res["updates"] == N_UPDATES - 1 and len(res["skipped"]) == 1 and "step 16" in res["skipped"][0]
+    first, second = results[0]["all_masks"]
+    assert all(torch.equal(first[n], second[n]) for n in first)
 
 
 def test_rank_dependent_seed_is_caught(tmp_path, data):
