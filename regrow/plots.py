@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .report import _method_order, display_name  # noqa: E402
 
@@ -24,8 +25,9 @@ MASK_MAX_LAYERS = 3          # ... and at most this many per method
 
 
 def _colors(methods: list[str]) -> dict[str, tuple]:
+    """One fixed colour per method, the same in every figure."""
     cmap = plt.get_cmap("tab10")
-    return {m: cmap(i % 10) for i, m in enumerate(sorted(methods, key=_method_order))}
+    return {m: cmap(_method_order(m)[0] % 10) for m in methods}
 
 
 def _save(fig, path: Path) -> Path:
@@ -37,7 +39,9 @@ def _save(fig, path: Path) -> Path:
 
 def _title(results: dict) -> str:
     setup = results["setup"]
-    return f"{setup['model']} on {setup['dataset']}, {setup['epochs']} epochs"
+    widths = setup.get("widths")
+    model = setup["model"] + (f" {'-'.join(map(str, widths))}" if isinstance(widths, list) and widths else "")
+    return f"{model} on {setup['dataset']}, {setup['epochs']} epochs"
 
 
 def plot_accuracy_vs_sparsity(results: dict, path: Path) -> Path:
@@ -65,13 +69,14 @@ def plot_accuracy_vs_sparsity(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _curves(runs: list[dict], results: dict, key: str, ylabel: str, path: Path, scale: float) -> Path:
+def _curves(runs: list[dict], results: dict, key: str, ylabel: str, path: Path, scale: float,
+            dense: bool = True) -> Path:
     sparsities = results["sparsities"] or [0.0]
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.2 * len(sparsities), 3.4), squeeze=False,
                              sharey=True)
     colors = _colors(results["methods"] + ["dense"])
     for ax, sparsity in zip(axes[0], sparsities):
-        for method in (["dense"] if results.get("dense") else []) + results["methods"]:
+        for method in (["dense"] if dense and results.get("dense") else []) + results["methods"]:
             members = [r for r in runs if r["method"] == method and (method == "dense" or float(r["sparsity"]) == sparsity)]
             histories = [[row[key] for row in r["history"] if key in row] for r in members]
             histories = [h for h in histories if h]
@@ -87,6 +92,7 @@ def _curves(runs: list[dict], results: dict, key: str, ylabel: str, path: Path, 
                 ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.15, color=style["color"])
         ax.set_title(f"sparsity {100 * sparsity:g}%", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7)
@@ -100,7 +106,8 @@ def plot_accuracy_curves(runs: list[dict], results: dict, path: Path) -> Path:
 
 
 def plot_itop(runs: list[dict], results: dict, path: Path) -> Path:
-    return _curves(runs, results, "itop_rate", "ITOP rate", path, 1.0)
+    # dense is 1 throughout by definition; leaving it out keeps the sparse curves readable
+    return _curves(runs, results, "itop_rate", "ITOP rate", path, 1.0, dense=bool(not results["methods"]))
 
 
 def _first_seed(runs: list[dict], method: str, sparsity: float) -> dict | None:
