@@ -6,8 +6,10 @@ trains the same model wrapped in DistributedDataParallel (:func:`wrap`) on its o
 every batch (:func:`epoch_batches`), and only rank 0 writes files.
 
 ``--batch-size`` stays the *global* batch: each of N ranks takes ``batch_size / N`` rows of it.
-The global batches are the ones one process would take, so a run's steps, schedules and
-(up to floating-point summation order) its masks and weights do not depend on N.
+The global batches are the ones one process would take, so a run's steps and schedules do not
+depend on N, and when N divides the training set size its masks and weights do not either (up
+to floating-point summation order). Otherwise the sampler pads each epoch's last batch with up
+to N - 1 repeated samples, so runs agree closely but not exactly.
 
 Backend: nccl when the ranks train on GPUs, gloo on CPU, chosen from the device.
 """
