@@ -2,14 +2,16 @@
 
 Decisions are identical on every rank by construction: growth reads gradients that DDP has
 already all-reduced, random choices come from a generator seeded the same on every rank, and
-ties break by index (regrow.selection). Two inputs are *not* all-reduced by DDP and are made
-global here: the layer inputs and output gradients that GSE's GraBo/GraEst samplers turn into
-marginals (:func:`all_reduce_sum`, :func:`global_rows`). This module also adds the cheap proof:
-after each topology update, a per-layer checksum of the active indices is all-reduced (min and
-max) and any disagreement raises, naming the first layer that diverged.
+ties break by index (regrow.selection). What DDP does *not* all-reduce is made global here:
+the layer inputs and output gradients that GSE's GraBo/GraEst samplers turn into marginals
+(:func:`all_reduce_sum`, :func:`global_rows`, called by regrow.sampling) and the subset
+gradients the always-sparse backend computes from them (:func:`all_reduce_mean`, called by
+regrow.backends.sparse). This module also adds the cheap proof: after each topology update, a
+per-layer checksum of the active indices is all-reduced (min and max) and any disagreement
+raises, naming the first layer that diverged.
 
-In one process every function here is a no-op (or the identity), so the engine calls them
-unconditionally.
+Outside a process group of two or more ranks no collective runs: the reductions return their
+inputs and the check returns at once, so callers need no ``if distributed`` of their own.
 """
 from __future__ import annotations
 
@@ -21,7 +23,13 @@ from torch import nn
 
 from .backends.base import SparseTarget
 
-_MIX = 0x9E3779B97F4A7C15 & 0x7FFFFFFFFFFFFFFF   # odd constant: spreads indices over int64
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+# splitmix64's finaliser constants, as int64 (torch's int64 arithmetic wraps like uint64's)
+_M1, _M2, _GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
 
 
 class MaskDivergenceError(RuntimeError):
@@ -31,16 +39,6 @@ class MaskDivergenceError(RuntimeError):
 def is_distributed() -> bool:
     """True inside an initialised process group of two or more ranks."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    """This process's global rank (0 outside a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    """Number of ranks (1 outside a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def comm_device() -> torch.device:
@@ -98,11 +96,12 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def global_rows(local_rows: int) -> tuple[int, int]:
     """``(offset, total)``: where this rank's ``local_rows`` rows sit in the global batch.
 
-    The global batch is the ranks' local batches concatenated in rank order, which is how a
-    DistributedSampler without shuffling shards it. A per-sample random draw (GraEst's sign
-    vector) made over ``total`` rows from the shared generator and sliced at ``offset`` is then
-    the same draw a single process would make over the whole batch, and every rank consumes the
-    generator identically even if the local batch sizes differ. One process: ``(0, local_rows)``.
+    Rows are numbered as if the ranks' local batches were concatenated in rank order. A
+    per-sample random draw (GraEst's sign vector) made over ``total`` rows from the shared
+    generator and sliced at ``offset`` consumes the generator identically on every rank, even
+    when local batch sizes differ; it has the distribution of a single process's draw however
+    the batch was sharded, and is exactly that draw when the shards are contiguous.
+    One process: ``(0, local_rows)``.
     """
     if not is_distributed():
         return 0, int(local_rows)
@@ -114,13 +113,32 @@ def global_rows(local_rows: int) -> tuple[int, int]:
 
 
 # -- the proof ---------------------------------------------------------------------------------
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> keeps the sign)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's bijective finaliser: nearby indices get unrelated 64-bit hashes."""
+    x = x ^ _shr(x, 30)
+    x = x * _M1
+    x = x ^ _shr(x, 27)
+    x = x * _M2
+    return x ^ _shr(x, 31)
+
+
 def mask_checksums(targets: Sequence[SparseTarget]) -> torch.Tensor:
-    """One int64 per layer: a wrapping sum of hashed active flat indices, plus the count."""
+    """One int64 per layer: the wrapping sum of mixed active flat indices, mixed with the count.
+
+    A sum keeps it O(N) and independent of index order; the non-linear mixing is what makes
+    structured differences visible (with a linear hash, moving one connection up by one and
+    another down by one would cancel out).
+    """
     sums = []
     for t in targets:
         idx = t.active_indices().to(torch.int64)
-        hashed = (idx + 1) * _MIX   # int64 arithmetic wraps identically on every rank
-        sums.append(int(hashed.sum()) ^ (t.nnz << 1))
+        total = int(_mix64(idx + _GOLDEN).sum())
+        sums.append(_signed((total ^ (t.nnz * _GOLDEN)) & 0xFFFFFFFFFFFFFFFF))
     return torch.tensor(sums, dtype=torch.int64)
 
 

@@ -354,6 +354,34 @@ def test_checksum_sees_every_change(data):
     assert isinstance(run["checksum"], str) and len(run["checksum"]) == 16
 
 
+class _Indices:
+    """The two things a checksum reads from a target."""
+
+    def __init__(self, flat):
+        self.flat = torch.tensor(sorted(flat), dtype=torch.long)
+        self.nnz = len(flat)
+
+    def active_indices(self):
+        return self.flat
+
+
+@given(st.sets(st.integers(1, 10**6), min_size=2, max_size=40), st.data())
+def test_checksum_separates_structured_moves(active, data):
+    # moving one connection up by d and another down by d cancels in any linear hash
+    a, c = sorted(active)[0], sorted(active)[-1]
+    d = data.draw(st.integers(1, 1000))
+    moved = (active - {a, c}) | {a + d, c - d}
+    if moved == active or len(moved) != len(active):
+        return
+    assert mask_checksums([_Indices(active)]) != mask_checksums([_Indices(moved)])
+
+
+def test_checksum_depends_on_layer_order_and_count():
+    one, two = _Indices([1, 2, 3]), _Indices([4, 5, 6])
+    assert mask_checksum([one, two]) != mask_checksum([two, one])
+    assert mask_checksums([_Indices([0])]) != mask_checksums([_Indices([])])
+
+
 # -- the torchrun training helpers (regrow.ddp_train) ---------------------------------------------
 @given(n=st.integers(1, 500), per_rank=st.integers(1, 40), world=st.integers(1, 4), epoch=st.integers(0, 3))
 def test_rank_batches_tile_the_single_process_batches(n, per_rank, world, epoch):
