@@ -298,3 +298,35 @@ def test_sparsified_mlp_trains_on_digits(method, options):
         assert stats["updates"] == 0 and stats["itop_rate"] == pytest.approx(stats["density"])
     else:
         assert stats["updates"] > 0 and stats["itop_rate"] > 1.5 * stats["density"]
+
+
+def test_checkpoint_resume_continues_exactly():
+    """Model, optimizer and DynamicSparsity state restore a sparse run mid-way, topology included."""
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(SparseLinear(12, 16, 0.3, seed=1), nn.ReLU(), SparseLinear(16, 4, 0.5, seed=2))
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        dst = regrow.DynamicSparsity(model, opt, method="gse", sparsity=0.9, total_steps=12, update_interval=2)
+        return model, opt, dst
+
+    data = [(torch.randn(8, 12), torch.randint(4, (8,))) for _ in range(8)]
+
+    def run(model, opt, dst, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            dst.step()
+
+    model, opt, dst = make()
+    run(model, opt, dst, data)
+    model2, opt2, dst2 = make()
+    run(model2, opt2, dst2, data[:3])
+    saved = (model2.state_dict(), opt2.state_dict(), dst2.state_dict())
+    model3, opt3, dst3 = make()
+    model3.load_state_dict(saved[0])
+    opt3.load_state_dict(saved[1])
+    dst3.load_state_dict(saved[2])
+    run(model3, opt3, dst3, data[3:])
+    for a, b in zip(model.state_dict().values(), model3.state_dict().values()):
+        assert torch.equal(a, b)
+    assert dst.stats() == dst3.stats()
