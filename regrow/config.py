@@ -94,7 +94,8 @@ class TrainConfig:
     lr_gamma: float = _opt(0.1, "factor of each LR step", "float")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", "float")
     seed: int = _opt(0, "seed of model init, data order and every DST choice", "int")
-    threads: int | None = _opt(None, "torch CPU threads (default: torch's own choice)", "int")
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's own choice); small models on a "
+                               "busy machine run much faster with 1", "int")
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each epoch)",
                                  "int", metavar="N")
 

@@ -153,3 +153,13 @@ def test_sparse_backend(tmp_path, capsys):
     assert summary["backend"] == "sparse"
     assert summary["final_density"] == pytest.approx(0.2, abs=0.02)
     assert summary["inference_flops_ratio"] == pytest.approx(summary["final_density"], abs=0.02)
+
+
+def test_demo_shortened(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "1", "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| Method | 90% | 98% |" in table
+    for name in ("Dense", "Static", "SET", "RigL", "GSE", "DST-EE", "SRigL"):
+        assert f"| {name} |" in table
+    assert (out / "plots" / "accuracy_vs_sparsity.png").is_file()

@@ -15,15 +15,16 @@ PLOTS = {"accuracy_vs_sparsity.png", "accuracy_curves.png", "itop_rate.png", "la
 
 def test_compare_then_skip_then_report(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "static,rigl", "--sparsity", "0.5,0.8", "--seeds", "2", *FAST,
+    argv = ["compare", "--methods", "static,rigl", "--sparsity", "0.5,0.8", "--seeds", "2", "--seed", "1", *FAST,
             "--gamma", "2", "--out", str(out)]   # --gamma: ignored by methods that lack it
     assert main(argv) == 0
     runs = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "plots")
-    assert runs == sorted(RunSpec(m, s, seed).name for seed in (0, 1)
+    assert runs == sorted(RunSpec(m, s, seed).name for seed in (1, 2)
                           for m, s in [("dense", 0.0), ("static", 0.5), ("static", 0.8), ("rigl", 0.5), ("rigl", 0.8)])
     results = json.loads((out / "results.json").read_text())
     assert results["methods"] == ["static", "rigl"] and results["sparsities"] == [0.5, 0.8]
     assert results["dense"]["n"] == 2 and all(c["n"] == 2 for c in results["cells"])
+    assert results["seeds"] == [1, 2]
     assert {p.name for p in (out / "plots").iterdir()} == PLOTS
     assert all((out / "plots" / p).stat().st_size > 1000 for p in PLOTS)
     table = (out / "results.md").read_text()
@@ -31,7 +32,7 @@ def test_compare_then_skip_then_report(tmp_path, capsys):
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
     capsys.readouterr()
-    (out / "rigl-sp0.8-seed1" / "summary.json").unlink()          # as if interrupted after training
+    (out / "rigl-sp0.8-seed1" / "summary.json").unlink()          # as if killed before writing it
     assert main([a for a in argv if a != "--quiet"] + ["--no-plots"]) == 0
     log = capsys.readouterr().out.splitlines()
     assert sum("finished earlier" in line for line in log) == 9
