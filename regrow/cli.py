@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", formatter_class=fmt, help="a two-minute comparison on the built-in digits data",
         description="A short comparison on scikit-learn's digits (no files, no network): an MLP 64-128-128-10, "
                     f"methods {','.join(DEMO_METHODS)} and a dense baseline at "
-                    f"{' and '.join(f'{100 * x:g}%%' for x in DEMO_SPARSITY)} sparsity, {DEMO_SEEDS} seeds, "
+                    f"{' and '.join(f'{100 * x:g}%' for x in DEMO_SPARSITY)} sparsity, {DEMO_SEEDS} seeds, "
                     f"{DEMO_CONFIG['epochs']} epochs. Prints the table and writes the plots to OUT/plots.")
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=DEMO_CONFIG["epochs"],

@@ -21,7 +21,7 @@ def test_help_of_every_command(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert f"regrow {command}" in text
+    assert f"regrow {command}" in text and "%%" not in text
     if command in ("train", "compare"):
         for name, f in FIELDS.items():
             if command == "compare" and name in ("method", "sparsity"):
