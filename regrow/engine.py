@@ -9,7 +9,7 @@ from torch import nn
 
 from .backends import MaskedTarget, make_target
 from .density import DISTRIBUTIONS, allocate_counts
-from .distributed import check_masks_agree
+from .distributed import check_masks_agree, unwrap
 from .layers import find_sparsifiable
 from .methods import METHODS, REGISTRY, UpdateContext, make_method
 from .methods.gmp import GMP
@@ -52,8 +52,9 @@ class DynamicSparsity:
         targets: optional explicit list of parameters, parameter names or modules to sparsify.
         allow_any_optimizer: accept optimizers other than SGD/Adam/AdamW, zeroing every state
             tensor shaped like its parameter.
-        check_masks: under torch.distributed, all-reduce a mask checksum after every topology
-            update and raise ``MaskDivergenceError`` if ranks disagree (no-op in one process).
+        check_masks: under torch.distributed, all-reduce a mask checksum at construction, at
+            checkpoint load and after every topology update, and raise ``MaskDivergenceError``
+            naming the first layer where ranks disagree (no-op in one process).
         **method_options: per method:
             set: ``grow_init`` ("random", default; or "zero");
             rigl: ``grow_init`` ("zero");
@@ -71,6 +72,7 @@ class DynamicSparsity:
                  dense_layers: Iterable[str] = (), seed: int = 0,
                  targets: Iterable | None = None, allow_any_optimizer: bool = False,
                  check_masks: bool = True, **method_options):
+        model = unwrap(model)   # a DDP wrapper: same names and checkpoints as in one process
         if method not in REGISTRY:
             raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
@@ -112,6 +114,8 @@ class DynamicSparsity:
         self.method.init_masks([t for t in self.targets if not t.preinitialised], self.generator)
         self._step = 0
         self._updates = 0
+        if self.check_masks:
+            check_masks_agree(self.targets, 0)   # per-rank seeds show here (static never updates)
         self._arm_capture()
 
     # -- the public surface --------------------------------------------------------------
@@ -182,6 +186,8 @@ class DynamicSparsity:
         for t in self.targets:
             t.release()
         self._arm_capture()
+        if self.check_masks:
+            check_masks_agree(self.targets, self._step)
 
     # -- internals -----------------------------------------------------------------------
     def _update_topology(self, t: int) -> None:

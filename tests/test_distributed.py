@@ -53,13 +53,14 @@ SCENARIOS = {
     "rigl-cnn": ("rigl", {}, "cnn"),
     "srigl-cnn": ("srigl", {}, "cnn"),
 }
+STATIC = {"static": ("static", {}, "mlp")}   # never updates: only checked at construction
 # always-sparse layers (regrow.nn.SparseLinear): GSE's subset gradients come from per-rank h, delta
 SPARSE_SCENARIOS = {
     "gse-sparse": ("gse", {}, "sparse"),
     "gse-grabo-sparse": ("gse", {"sampling": "grabo"}, "sparse"),
     "set-sparse": ("set", {}, "sparse"),
 }
-ALL_SCENARIOS = {**SCENARIOS, **SPARSE_SCENARIOS}
+ALL_SCENARIOS = {**SCENARIOS, **SPARSE_SCENARIOS, **STATIC}
 
 
 # -- the launcher ------------------------------------------------------------------------------
@@ -297,12 +298,16 @@ def test_non_finite_gradient_on_one_rank_skips_the_update_on_all(tmp_path, data)
     assert all(torch.equal(first[n], second[n]) for n in first)
 
 
-def test_rank_dependent_seed_is_caught(tmp_path, data):
-    def seeded_by_rank(rank, world, data):
-        return train("set", data, rank=rank, world=world, batch=BATCH, ddp=True, seed=rank)
-    for result in launch(tmp_path, seeded_by_rank, data):
+def _seeded_by_rank(rank, world, data, method):
+    return train(method, data, rank=rank, world=world, batch=BATCH, ddp=True, seed=rank)
+
+
+@pytest.mark.parametrize("method", ["set", "static"])
+def test_rank_dependent_seed_is_caught_before_training(tmp_path, data, method):
+    # static never updates, so only the check at construction can see it
+    for result in launch(tmp_path, _seeded_by_rank, data, method):
         assert result["type"] == "MaskDivergenceError"
-        assert "layer '1.weight'" in result["message"]
+        assert "at step 0" in result["message"] and "layer '1.weight'" in result["message"]
 
 
 def test_unsynchronised_gradients_are_caught(tmp_path, data):
