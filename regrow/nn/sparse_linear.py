@@ -7,10 +7,13 @@ gradient is computed only for the N active entries (a sampled dense-dense produc
 updates go through :class:`regrow.backends.sparse.SparseLinearTarget`, which also never
 builds an out x in tensor, so a layer can be far wider than a dense weight could be.
 
-Activations flow through the layer feature-major: the output is a transposed view of a
-contiguous ``[out, B]`` tensor, so a following SparseLinear (after an elementwise activation,
-which keeps the layout) reads its input without a copy. Call ``.contiguous()`` on the output
-if a later op needs the row-major layout.
+Activations flow through the layer feature-major: the output [B, out] is laid out as
+``[out, B]`` in memory (strides ``(1, B)``; not a view, so in-place activations work), and a
+following SparseLinear (after an elementwise activation, which keeps the layout) reads its
+input without a copy. Call ``.contiguous()`` on the output if a later op needs row-major.
+
+Kernels: compiled C loops (regrow.nn._sparse_kernels) for float32 on CPU; torch.sparse (CSR
+matmuls and ``sampled_addmm``) otherwise (CUDA, float64, or no C compiler), same results.
 """
 from __future__ import annotations
 
