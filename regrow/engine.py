@@ -98,15 +98,16 @@ class DynamicSparsity:
             raise ValueError(f"the optimizer does not hold the sparsified parameter(s) {missing[:5]}; "
                              "build it from model.parameters() before creating DynamicSparsity")
 
-        shapes = {s.name: tuple(s.param.shape) for s in found}
+        # always-sparse layers were built with their own count; allocate over the others only
+        masked = {s.name: tuple(s.param.shape) for s in found if not hasattr(s.module, "make_regrow_target")}
         density = 1.0 if method == "dense" else 1.0 - self.sparsity
-        budgets = allocate_counts(shapes, density, distribution)
+        budgets = allocate_counts(masked, density, distribution) if masked else {}
         state = OptimizerStateMasker(optimizer)
-        self.targets = [make_target(s, budgets[s.name], state) for s in found]
+        self.targets = [make_target(s, budgets.get(s.name, s.param.numel()), state) for s in found]
         always_sparse = [t.name for t in self.targets if not isinstance(t, MaskedTarget)]
         if always_sparse and not self.method.sparse_backend:
-            raise ValueError(f"method '{method}' needs dense gradients over all inactive connections, which "
-                             f"always-sparse layers {always_sparse[:3]} never build; use static, set or gse")
+            raise ValueError(f"method '{method}' {self.method.sparse_backend_refusal} (always-sparse layers "
+                             f"{always_sparse[:3]}); use static, set or gse")
 
         self.generator = torch.Generator().manual_seed(seed)
         if isinstance(self.method, GMP):
@@ -202,10 +203,11 @@ class DynamicSparsity:
 
     def _arm_capture(self) -> None:
         """Hook layer inputs/output gradients for the next step if it is an update step."""
-        if not (self.method.needs_activations and self.schedule.is_update(self._step + 1)):
+        if not (self.method.dynamic and self.schedule.is_update(self._step + 1)):
             return
         for target in self.targets:
-            target.arm_capture()
+            if self.method.needs_activations or (self.method.needs_grad and target.grad_needs_capture):
+                target.arm_capture()
 
     def __repr__(self) -> str:
         s = self.stats()

@@ -215,12 +215,40 @@ def test_gse_makes_the_masked_backends_decisions(sampling):
     assert float(scores[in_grown].min()) >= float(scores[~in_grown].max()), "grown must be the top-|grad| of the subset"
 
 
-@pytest.mark.parametrize("method", ["rigl", "dstee", "srigl"])
-def test_dense_gradient_methods_refuse_sparse_layers(method):
+@pytest.mark.parametrize("method, reason", [
+    ("rigl", "dense gradient"), ("dstee", "dense gradient"), ("srigl", "dense gradient"),
+    ("dense", "trains every weight densely"), ("gmp", "starts from dense weights")])
+def test_dense_methods_refuse_sparse_layers(method, reason):
     model = nn.Sequential(SparseLinear(20, 10, 0.3), nn.ReLU(), SparseLinear(10, 3, 0.5))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="needs dense gradients .* always-sparse layers"):
-        regrow.DynamicSparsity(model, opt, method=method, sparsity=0.9, total_steps=10)
+    with pytest.raises(ValueError, match=f"{reason}.*always-sparse layers.*use static, set or gse"):
+        regrow.DynamicSparsity(model, opt, method=method, sparsity=0.9, total_steps=100, update_interval=10)
+
+
+def test_sparse_layers_keep_their_count_and_masked_layers_get_the_allocation():
+    # a conv (masked) before always-sparse layers: the sparse layers' own N is not counted in
+    # the allocation, so the conv gets exactly the requested density
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), SparseLinear(4 * 36, 20, 0.1), nn.ReLU(),
+                          SparseLinear(20, 3, 0.5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = regrow.DynamicSparsity(model, opt, method="gse", sparsity=0.75, total_steps=10, distribution="uniform")
+    layers = dst.stats()["layers"]
+    assert layers["0.weight"]["nnz"] == round(0.25 * 36)
+    assert layers["2.values"]["nnz"] == model[2].nnz and layers["4.values"]["nnz"] == model[4].nnz
+
+
+def test_uniform_gse_arms_capture_only_at_update_steps():
+    model = nn.Sequential(SparseLinear(12, 16, 0.3), nn.ReLU(), SparseLinear(16, 3, 0.5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = regrow.DynamicSparsity(model, opt, method="gse", sparsity=0.9, total_steps=40, update_interval=3)
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    for step in range(1, 10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        captured = model[0].captured() is not None
+        assert captured == (step % 3 == 0), f"step {step}"
+        dst.step()
+    assert dst.stats()["updates"] == 3
 
 
 # -- memory: a layer whose dense weight would need 40 GB --------------------------------------

@@ -26,6 +26,8 @@ class SparseTarget(ABC):
     budget: int
     #: True when the layer chose its own initial topology (the engine then leaves it as is)
     preinitialised: bool = False
+    #: True when grad_at works from captured (h, delta): armed before every update step
+    grad_needs_capture: bool = False
 
     @property
     def numel(self) -> int:

@@ -14,12 +14,10 @@ Every operation is O(N) or O(m log N) for N active and m queried connections:
 * the ITOP set (connections ever active) is a sorted int64 key set that grows by the number
   of newly explored connections per update (8 bytes each), not an out x in bitmap.
 
-Capture: ``grad_at`` needs the update step's (h, delta), but the engine arms the capture only
-for methods that declare ``needs_activations`` (GSE with grabo/graest), not for GSE's uniform
-sampler. Until the engine calls ``arm_capture`` once, the target therefore captures every
-training step (no extra compute: the layer keeps references to the h^T it saves for backward
-anyway and to the delta^T it computes in backward, until the step ends); from the first
-explicit ``arm_capture`` on it captures only when armed.
+Capture: ``grad_at`` needs the update step's (h, delta); the target sets
+``grad_needs_capture``, so the engine arms it before every update step of a method that reads
+gradients (it references the h^T the layer saves for backward anyway and the delta^T it
+computes in backward, until the step ends).
 """
 from __future__ import annotations
 
@@ -86,6 +84,7 @@ class SparseLinearTarget(SparseTarget):
     """
 
     preinitialised = True
+    grad_needs_capture = True
 
     def __init__(self, name: str, layer, optimizer_state: OptimizerStateMasker):
         self.name = name
@@ -95,8 +94,6 @@ class SparseLinearTarget(SparseTarget):
         self._optimizer_state = optimizer_state
         self._keys: torch.Tensor | None = None
         self._ever = layer.active_keys()
-        self._engine_arms = False
-        layer.arm_capture()   # until the engine arms explicitly (see the module doc)
 
     # -- reading -------------------------------------------------------------------------
     @property
@@ -191,14 +188,11 @@ class SparseLinearTarget(SparseTarget):
 
     # -- per-step work -------------------------------------------------------------------
     def arm_capture(self) -> None:
-        self._engine_arms = True
         self.layer.arm_capture()
 
     def release(self) -> None:
         self.layer.disarm_capture()
         self._keys = None
-        if not self._engine_arms:
-            self.layer.arm_capture()
 
     def grad_is_finite(self) -> bool:
         g = self.layer.values.grad

@@ -11,6 +11,8 @@ class Dense(Method):
     name = "dense"
     dynamic = False
     masked = False
+    sparse_backend = False
+    sparse_backend_refusal = "trains every weight densely, which always-sparse layers cannot hold"
 
     def init_masks(self, targets, gen: torch.Generator) -> None:
         for t in targets:

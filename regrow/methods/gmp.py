@@ -15,6 +15,8 @@ from .base import Method, UpdateContext, register
 @register
 class GMP(Method):
     name = "gmp"
+    sparse_backend = False
+    sparse_backend_refusal = "starts from dense weights, which always-sparse layers never hold"
 
     def __init__(self, *, begin_fraction: float = 0.0):
         super().__init__(grow_init="zero")
