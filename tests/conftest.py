@@ -18,3 +18,15 @@ def one_thread():
 settings.register_profile("regrow", max_examples=int(os.environ.get("REGROW_HYPOTHESIS_EXAMPLES", 40)),
                           deadline=None, print_blob=True)
 settings.load_profile("regrow")
+
+
+@pytest.fixture(params=["kernel", "torch.sparse"])
+def route(request, monkeypatch):
+    """Run a SparseLinear test on the compiled kernels and on the torch.sparse fallback."""
+    from regrow.nn import _sparse_kernels
+    if request.param == "kernel":
+        if _sparse_kernels.load() is None:
+            pytest.skip(f"compiled kernels unavailable: {_sparse_kernels.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(_sparse_kernels, "load", lambda: None)
+    return request.param

@@ -32,7 +32,7 @@ from regrow.checkpoint import load_checkpoint
 from regrow.config import TrainConfig
 from regrow.ddp_train import (Group, current_group, epoch_batches, process_group_from_env, steps_per_epoch,
                               sum_over_ranks, wrap)
-from regrow.distributed import (MaskDivergenceError, all_reduce_sum, check_masks_agree, global_rows,
+from regrow.distributed import (all_reduce_sum, check_masks_agree, global_rows,
                                 mask_checksum, mask_checksums, unwrap)
 
 WORLD = 2

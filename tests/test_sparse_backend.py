@@ -17,20 +17,9 @@ import regrow
 from regrow.backends.masked import MaskedTarget
 from regrow.backends.sparse import SparseLinearTarget, merge_sorted
 from regrow.methods import UpdateContext, make_method
-from regrow.nn import _sparse_kernels
 from regrow.nn.sparse_linear import SparseLinear
 from regrow.nn.sparsify import sparsify
 from regrow.optim_state import OptimizerStateMasker
-
-
-@pytest.fixture(params=["kernel", "torch.sparse"])
-def route(request, monkeypatch):
-    if request.param == "kernel":
-        if _sparse_kernels.load() is None:
-            pytest.skip(f"compiled kernels unavailable: {_sparse_kernels.unavailable_reason()}")
-    else:
-        monkeypatch.setattr(_sparse_kernels, "load", lambda: None)
-    return request.param
 
 
 def target_for(layer: SparseLinear, optimizer=None) -> SparseLinearTarget:

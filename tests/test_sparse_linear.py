@@ -12,17 +12,6 @@ from regrow.nn.sparse_linear import SparseLinear, _even_counts, constant_fan_in
 from regrow.nn.sparsify import sparse_mlp, sparsify
 
 
-@pytest.fixture(params=["kernel", "torch.sparse"])
-def route(request, monkeypatch):
-    """Run a test on the compiled kernels and on the torch.sparse fallback."""
-    if request.param == "kernel":
-        if _sparse_kernels.load() is None:
-            pytest.skip(f"compiled kernels unavailable: {_sparse_kernels.unavailable_reason()}")
-    else:
-        monkeypatch.setattr(_sparse_kernels, "load", lambda: None)
-    return request.param
-
-
 def masked_twin(layer: SparseLinear) -> nn.Linear:
     """An nn.Linear whose weight is the layer's weights at the active positions, zero elsewhere."""
     lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
