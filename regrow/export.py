@@ -45,7 +45,6 @@ import copy
 import hashlib
 import inspect
 import json
-import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
