@@ -7,12 +7,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .backends import MaskedTarget, make_target
+from .backends import MaskedTarget, make_target, owns_topology
 from .density import DISTRIBUTIONS, allocate_counts
 from .distributed import check_masks_agree, unwrap
 from .layers import find_sparsifiable
 from .methods import METHODS, REGISTRY, UpdateContext, make_method
-from .methods.gmp import GMP
 from .metrics import sparsity_stats
 from .optim_state import OptimizerStateMasker, check_optimizer
 from .schedules import UpdateSchedule
@@ -99,7 +98,7 @@ class DynamicSparsity:
                              "build it from model.parameters() before creating DynamicSparsity")
 
         # always-sparse layers were built with their own count; allocate over the others only
-        masked = {s.name: tuple(s.param.shape) for s in found if not hasattr(s.module, "make_regrow_target")}
+        masked = {s.name: tuple(s.param.shape) for s in found if not owns_topology(s)}
         density = 1.0 if method == "dense" else 1.0 - self.sparsity
         budgets = allocate_counts(masked, density, distribution) if masked else {}
         state = OptimizerStateMasker(optimizer)
@@ -110,8 +109,7 @@ class DynamicSparsity:
                              f"{always_sparse[:3]}); use static, set or gse")
 
         self.generator = torch.Generator().manual_seed(seed)
-        if isinstance(self.method, GMP):
-            self.method.plan(self.schedule.update_steps(), total_steps)
+        self.method.plan(self.schedule)
         self.method.init_masks([t for t in self.targets if not t.preinitialised], self.generator)
         self._step = 0
         self._updates = 0

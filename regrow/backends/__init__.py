@@ -9,7 +9,12 @@ from ..optim_state import OptimizerStateMasker
 from .base import SparseTarget
 from .masked import MaskedTarget
 
-__all__ = ["SparseTarget", "MaskedTarget", "make_target"]
+__all__ = ["SparseTarget", "MaskedTarget", "make_target", "owns_topology"]
+
+
+def owns_topology(found: Sparsifiable) -> bool:
+    """Whether the parameter's module stores its weight sparsely and fixes its own count."""
+    return hasattr(found.module, "make_regrow_target")
 
 
 def make_target(found: Sparsifiable, budget: int, optimizer_state: OptimizerStateMasker) -> SparseTarget:
@@ -18,7 +23,6 @@ def make_target(found: Sparsifiable, budget: int, optimizer_state: OptimizerStat
     A module that stores its weight sparsely provides ``make_regrow_target(name, budget,
     optimizer_state)``; every other parameter is handled by the masked backend.
     """
-    factory = getattr(found.module, "make_regrow_target", None)
-    if factory is not None:
-        return factory(found.name, budget, optimizer_state)
+    if owns_topology(found):
+        return found.module.make_regrow_target(found.name, budget, optimizer_state)
     return MaskedTarget(found.name, found.param, found.module, budget, optimizer_state)

@@ -69,6 +69,9 @@ class Method:
         """Whether the update step's layer inputs and output gradients are captured."""
         return False
 
+    def plan(self, schedule) -> None:
+        """Called once with the engine's UpdateSchedule before the masks are initialised."""
+
     # -- initial topology ----------------------------------------------------------------
     def init_masks(self, targets: Sequence[SparseTarget], gen: torch.Generator) -> None:
         """Random masks with each layer's exact budget (a fixed random sparse network)."""

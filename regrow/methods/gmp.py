@@ -25,10 +25,10 @@ class GMP(Method):
         self.begin_fraction = begin_fraction
         self.window: tuple[float, int] | None = None   # (first, last) pruning step, set by the engine
 
-    def plan(self, update_steps: range, total_steps: int) -> None:
+    def plan(self, schedule) -> None:
         """Fix the pruning window from the engine's update steps."""
-        begin = self.begin_fraction * total_steps
-        steps = [s for s in update_steps if s >= begin]
+        begin = self.begin_fraction * schedule.total_steps
+        steps = [s for s in schedule.update_steps() if s >= begin]
         if not steps:
             raise ValueError("gmp has no update step to prune at: raise total_steps or stop_fraction, "
                              "or lower update_interval or begin_fraction")
