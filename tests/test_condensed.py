@@ -165,6 +165,30 @@ def test_kernel_backend_refuses_what_it_cannot_run(kernel):
                                F.linear(torch.ones(1, 8, dtype=torch.float64), (w * mask).double(), b.double()))
 
 
+def test_kernel_only_sees_contiguous_cpu_tensors(kernel):
+    w, mask, b = layer_data(24, 40, 6, dead=(3,))
+    x = torch.randn(5, 40)
+    ref = F.linear(x, w * mask, b)
+    layer = CondensedLinear.from_dense(w, mask, b)
+    assert layer._kernel_applies(x)
+    # a layer on another device (meta here, CUDA elsewhere) with a CPU input: its pointers are
+    # not host memory, so the kernel must never get them
+    assert not layer.to("meta")._kernel_applies(x)
+    # same values, transposed strides: the kernel would read them in the wrong order
+    layer = CondensedLinear.from_dense(w, mask, b)
+    with torch.no_grad():
+        layer.weight.data = layer.weight.data.t().contiguous().t()
+        layer.indices.data = layer.indices.data.t().contiguous().t()
+    assert not layer.weight.is_contiguous() and not layer._kernel_applies(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, **TOL)
+    layer = CondensedLinear.from_dense(w, mask, b)
+    layer.bias.data = torch.stack([b, b], 1)[:, 0]   # a strided bias view
+    assert not layer._kernel_applies(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, **TOL)
+
+
 def test_state_dict_round_trip_and_validation():
     w, mask, b = layer_data(20, 50, 5, dead=(7,))
     layer = CondensedLinear.from_dense(w, mask, b)
@@ -183,7 +207,7 @@ def test_fallback_when_the_kernel_cannot_build(monkeypatch, tmp_path):
     monkeypatch.setenv("REGROW_CACHE_DIR", str(tmp_path))
     _kernels.load.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="condensed kernel unavailable"):
+        with pytest.warns(RuntimeWarning, match="condensed kernel unavailable"):
             assert _kernels.load() is None
         assert "no-such-compiler" in _kernels.unavailable_reason()
         w, mask, b = layer_data(16, 40, 8)

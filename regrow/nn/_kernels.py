@@ -10,24 +10,22 @@ against 0.7 s for this file, and the kernel needs nothing from torch but raw poi
 The shared library links ``libgomp.so.1``; torch ships a library of the same soname and loads it
 first, so both use one OpenMP runtime (no second pool of spinning threads).
 
-If anything fails (no compiler, a flag it rejects, ``REGROW_DISABLE_KERNEL=1``), ``load()``
-returns ``None`` once, with a warning naming the reason, and callers use the pure-PyTorch path.
+Building, caching and the environment variables (``REGROW_DISABLE_KERNEL``, ``REGROW_CACHE_DIR``,
+``CC``) are shared with the SparseLinear kernels in :mod:`regrow.nn._cbuild`. If anything fails
+(no compiler, a flag it rejects, an unusable cache folder, ``REGROW_DISABLE_KERNEL=1``),
+``load()`` returns ``None``, with one warning naming the reason (none when disabled on
+purpose), and callers use the pure-PyTorch path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
+
+from . import _cbuild
 
 # Batch tiles: the batched kernel transposes BT rows of x into a [in_features, BT] buffer that
 # stays in L2 and streams W/idx once per tile. Both are multiples of 16 (one AVX-512 vector).
@@ -228,48 +226,14 @@ class CondensedKernel:
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels live: ``$REGROW_CACHE_DIR``, else ``$XDG_CACHE_HOME/regrow``, else ``~/.cache/regrow``."""
-    root = os.environ.get("REGROW_CACHE_DIR")
-    if root:
-        return Path(root) / "kernels"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "regrow" / "kernels"
+    """Where compiled kernels live (see :mod:`regrow.nn._cbuild`)."""
+    return _cbuild.cache_dir()
 
 
-def _cpu_id() -> str:
-    # -march=native output is CPU-specific: a cache shared across machines must not mix them.
-    # (virtual machines often report a generic model name, so the feature flags are included)
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        ident = [next((ln for ln in lines if ln.startswith(key)), "") for key in ("model name", "flags")]
-        if any(ident):
-            return "\n".join(ident)
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-
-
-def _build(cc: str, flags: list[str], target: Path) -> str | None:
-    """Compile to ``target`` atomically; return None on success, else the compiler's complaint."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "condensed.c"
-        src.write_text(_SOURCE)
-        tmp_so = Path(tmp) / target.name
-        cmd = [cc, *flags, "-fPIC", "-shared", "-std=gnu11", str(src), "-o", str(tmp_so)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"{' '.join(cmd)}: {exc}"
-        if res.returncode != 0:
-            return f"{cc} {' '.join(flags)} failed: {res.stderr.strip()[:300]}"
-        os.replace(tmp_so, target)  # atomic: concurrent builders never see a partial file
-    return None
+def _check_abi(lib: ctypes.CDLL, path: Path, flags: list[str]) -> CondensedKernel:
+    if lib.regrow_condensed_abi_version() != _ABI_VERSION:
+        raise OSError(f"{path}: ABI version mismatch")
+    return CondensedKernel(lib, path, flags)
 
 
 _failure: str | None = None
@@ -277,36 +241,20 @@ _failure: str | None = None
 
 @functools.lru_cache(maxsize=1)
 def load() -> CondensedKernel | None:
-    """The compiled kernel, building it on first use; ``None`` (with one warning) if unavailable."""
+    """The compiled kernel, building it on first use; ``None`` (with one warning) if unavailable.
+
+    Never raises: no compiler, an unusable cache folder, a library that does not load all
+    leave the reason in :func:`unavailable_reason` and the PyTorch path in charge.
+    """
     global _failure
     _failure = None
-    if os.environ.get("REGROW_DISABLE_KERNEL", "") not in ("", "0"):
-        _failure = "disabled by REGROW_DISABLE_KERNEL"
+    try:
+        return _cbuild.compile_and_load("condensed", _SOURCE, _FLAG_SETS, _check_abi)
+    except _cbuild.KernelUnavailable as exc:
+        _failure = exc.reason
+        if not exc.quiet:
+            _cbuild.warn_unavailable("condensed kernel", exc.reason, "using the PyTorch path")
         return None
-    cc = _compiler()
-    if cc is None:
-        _failure = "no C compiler (gcc/cc) on PATH"
-        warnings.warn(f"regrow: condensed kernel unavailable ({_failure}); using the PyTorch path", stacklevel=2)
-        return None
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"condensed_{key}.so"
-        if not target.exists():
-            err = _build(cc, flags, target)
-            if err is not None:
-                errors.append(err)
-                continue
-        try:
-            lib = ctypes.CDLL(str(target))
-            if lib.regrow_condensed_abi_version() != _ABI_VERSION:
-                raise OSError("ABI version mismatch")
-            return CondensedKernel(lib, target, flags)
-        except (OSError, AttributeError) as exc:
-            errors.append(f"loading {target}: {exc}")
-    _failure = "; ".join(errors) or "unknown failure"
-    warnings.warn(f"regrow: condensed kernel unavailable ({_failure}); using the PyTorch path", stacklevel=2)
-    return None
 
 
 def unavailable_reason() -> str | None:

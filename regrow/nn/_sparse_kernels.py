@@ -16,25 +16,22 @@ here (0.46 s for 2M keys on one thread): ``locate`` (position of flat keys, a bi
 row's own column segment) and ``csc_perm`` (counting sort of the entries by column).
 
 The C source is compiled once with the system compiler into a per-user cache and called
-through ``ctypes``; building a torch C++ extension instead costs about 25 s of compile time on
-this 2-core machine for no benefit, since the loops need only raw pointers. If anything fails
-(no compiler, ``REGROW_DISABLE_KERNEL=1``, a non-float32 or non-CPU tensor), callers fall back
-to ``torch.sparse`` (CSR matmul and ``sampled_addmm``), which gives the same results.
+through ``ctypes`` (building, caching and the environment variables are shared with the
+condensed kernel in :mod:`regrow.nn._cbuild`); building a torch C++ extension instead costs
+about 25 s of compile time on this 2-core machine for no benefit, since the loops need only
+raw pointers. If anything fails (no compiler, an unusable cache folder,
+``REGROW_DISABLE_KERNEL=1``, a non-float32 or non-CPU tensor), callers fall back to
+``torch.sparse`` (CSR matmul and ``sampled_addmm``), which gives the same results.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
+
+from . import _cbuild
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -208,66 +205,30 @@ class SparseKernels:
 
 
 def cache_dir() -> Path:
-    """``$REGROW_CACHE_DIR``, else ``$XDG_CACHE_HOME/regrow``, else ``~/.cache/regrow``."""
-    explicit = os.environ.get("REGROW_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "regrow"
-
-
-def _cpu_id() -> str:
-    # -march=native code is CPU-specific: a cache shared between machines must not mix builds
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
-    except OSError:
-        return platform.processor()
-
-
-def _build(cc: str, flags: list[str], target: Path) -> str | None:
-    """Compile into ``target`` atomically (concurrent processes may build at once)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, so = Path(tmp) / "sparse.c", Path(tmp) / "sparse.so"
-        src.write_text(_SOURCE)
-        res = subprocess.run([cc, *flags, "-fPIC", "-shared", "-std=gnu11", str(src), "-o", str(so)],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            return f"{cc} {' '.join(flags)} failed: {res.stderr.strip()[:300]}"
-        os.replace(so, target)
-    return None
+    """Where compiled kernels live (see :mod:`regrow.nn._cbuild`)."""
+    return _cbuild.cache_dir()
 
 
 @functools.lru_cache(maxsize=1)
 def load() -> SparseKernels | None:
-    """The compiled kernels, or None (once, with a warning) when they cannot be built."""
+    """The compiled kernels, or None (once, with a warning) when they cannot be built.
+
+    Never raises: no compiler, an unusable cache folder, a library that does not load all
+    leave the reason in :func:`unavailable_reason` and torch.sparse in charge.
+    """
     global _failure
-    if os.environ.get("REGROW_DISABLE_KERNEL") == "1":
-        _failure = "disabled by REGROW_DISABLE_KERNEL=1"
+    _failure = None
+    try:
+        return _cbuild.compile_and_load("sparse_linear", _SOURCE, _FLAG_SETS,
+                                        lambda lib, path, flags: SparseKernels(lib, path))
+    except _cbuild.KernelUnavailable as exc:
+        _failure = exc.reason
+        if not exc.quiet:
+            _cbuild.warn_unavailable("SparseLinear kernels", exc.reason, "falling back to torch.sparse")
         return None
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        _failure = "no C compiler (gcc/cc) on PATH"
-    else:
-        errors = []
-        for flags in _FLAG_SETS:
-            key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_id(), platform.machine()])
-                                 .encode()).hexdigest()[:16]
-            target = cache_dir() / f"sparse_linear_{key}.so"
-            try:
-                err = None if target.exists() else _build(cc, flags, target)
-                if err is None:
-                    return SparseKernels(ctypes.CDLL(str(target)), target)
-                errors.append(err)
-            except OSError as e:   # unwritable cache, a library that fails to load
-                errors.append(str(e))
-        _failure = "; ".join(errors)
-    warnings.warn(f"regrow: SparseLinear falls back to torch.sparse kernels ({_failure})",
-                  RuntimeWarning, stacklevel=2)
-    return None
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`load` returned None (after it was called), else None."""
+    """Why :func:`load` returned None, else None (calls ``load()`` first)."""
+    load()
     return _failure
