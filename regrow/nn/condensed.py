@@ -179,11 +179,19 @@ class CondensedLinear(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        bias = self.bias
-        return (x.is_cpu and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and self.indices.dtype != torch.int64
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                                      or (bias is not None and bias.requires_grad))))
+        """The C kernel reads raw pointers: every tensor it touches must be a contiguous float32
+        (int16/int32 indices) CPU tensor, or a CUDA module would hand it device addresses."""
+        bias, weight, indices, row_index = self.bias, self.weight, self.indices, self.row_index
+        if not (x.is_cpu and x.dtype == torch.float32
+                and weight.is_cpu and weight.dtype == torch.float32 and weight.is_contiguous()
+                and indices.is_cpu and indices.dtype in (torch.int16, torch.int32) and indices.is_contiguous()):
+            return False
+        if bias is not None and not (bias.is_cpu and bias.dtype == torch.float32 and bias.is_contiguous()):
+            return False
+        if row_index is not None and not row_index.is_cpu:   # bias[row_index] must stay on the CPU
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                 or (bias is not None and bias.requires_grad)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_f = self.in_features
@@ -195,7 +203,8 @@ class CondensedLinear(nn.Module):
         if self.backend != "torch":
             kern = _kernels.load() if self._kernel_applies(x2) else None
             if kern is None and self.backend == "kernel":
-                reason = _kernels.unavailable_reason() or "input is not float32 on the CPU without autograd"
+                reason = _kernels.unavailable_reason() or (
+                    "input or layer tensors are not contiguous float32 on the CPU without autograd")
                 raise RuntimeError(f"CondensedLinear backend='kernel' cannot run: {reason}")
         bias, row_index = self.bias, self.row_index
         rows_bias = bias if bias is None or row_index is None else bias[row_index]
