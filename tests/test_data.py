@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import random
 import struct
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from regrow.data import DATASETS, ArrayDataset, load, read_idx
+from regrow.data.cifar import load_pickle
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -280,6 +282,40 @@ def test_cifar_damaged_pickle(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ValueError, match="test_batch: damaged or not a CIFAR python pickle"):
         load("cifar10", tmp_path)
+
+
+def test_cifar_byte_flipped_pickles_raise_value_error(tmp_path: Path) -> None:
+    """Damage in a pickle's opcodes raises anything (LookupError via _codecs, OverflowError,
+    MemoryError from absurd lengths ...): the loader must turn all of it into one ValueError."""
+    rng = np.random.default_rng(0)
+    batch = {b"batch_label": b"training batch 1 of 5", b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8),
+             b"labels": [1, 2], b"filenames": [b"a.png", b"b.png"]}
+    originals = [pickle.dumps(batch, protocol=2), pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)]
+    flipped = [originals[0].replace(b"latin1", b"lqtin1", 1),    # a mangled codec name
+               originals[0].replace(b"latin1", b"utf-16", 1)]    # a real codec, but not one bytes use
+    gen = random.Random(1234)
+    for trial in range(200):
+        raw = bytearray(originals[trial % 2])
+        for _ in range(gen.randint(1, 3)):
+            raw[gen.randrange(160)] = gen.randrange(256)          # the opcodes, not the pixel bytes
+        flipped.append(bytes(raw))
+    path = tmp_path / "data_batch_1"
+    kinds = set()
+    for raw in flipped:
+        path.write_bytes(raw)
+        try:
+            d = load_pickle(path)
+        except ValueError as err:
+            msg = str(err)
+            assert str(path) in msg and "expected a pickled dict" in msg and "\n" not in msg
+            kinds.add(msg.split("pickle (", 1)[-1].split(":", 1)[0])
+        else:
+            assert isinstance(d, dict)
+    # the seeded flips reach the error types that used to escape as they were
+    assert {"UnpicklingError", "MemoryError", "OverflowError"} <= kinds
+    with pytest.raises(ValueError, match="refusing _codecs.encode with encoding 'lqtin1'"):
+        path.write_bytes(flipped[0])
+        load_pickle(path)
 
 
 def test_cifar_wrong_content(tmp_path: Path) -> None:

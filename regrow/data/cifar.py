@@ -40,6 +40,17 @@ CIFAR = {
 }
 
 
+_LATIN1_NAMES = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "iso_8859_1", "l1"}
+
+
+def _latin1_encode(text: object, encoding: object = "utf-8", errors: object = "strict") -> bytes:
+    """``_codecs.encode`` as pickles of bytes use it (latin-1, the byte-preserving codec), and
+    nothing else: a damaged name must not reach the codec registry's lookup."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or encoding.lower() not in _LATIN1_NAMES:
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     """The only callables a CIFAR pickle may name: what numpy needs to rebuild an array."""
     try:
@@ -48,13 +59,11 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct
         from numpy.core.numeric import _frombuffer
-    import _codecs
-
     allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         # protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, "latin1")
-        ("_codecs", "encode"): _codecs.encode,
+        ("_codecs", "encode"): _latin1_encode,
     }
     # numpy 1.x pickles name numpy.core, 2.x numpy._core; protocol 5 uses _frombuffer
     for core in ("numpy.core", "numpy._core"):
@@ -75,14 +84,25 @@ class _PlainDataUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
 
 
+_PICKLE_LAYOUT = "a pickled dict of the python version (b'data': uint8 [N, 3072], labels: N ints)"
+
+
 def load_pickle(path: Path) -> dict[str, Any]:
-    """Unpickle a CIFAR file (``encoding='bytes'``, plain data only) into a dict with str keys."""
+    """Unpickle a CIFAR file (``encoding='bytes'``, plain data only) into a dict with str keys.
+
+    Raises:
+        ValueError: the file is damaged or not a CIFAR pickle (naming the file and the layout).
+    """
+    data = path.read_bytes()   # OSError (unreadable file) is not "damaged": left as it is
     try:
-        obj = _PlainDataUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise ValueError(f"{path}: damaged or not a CIFAR python pickle ({exc})") from None
+        obj = _PlainDataUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as exc:   # noqa: BLE001 - damaged pickles raise a zoo of types (LookupError,
+        # OverflowError, MemoryError, SystemError, numpy's own ...): all mean "not readable"
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ValueError(f"{path}: damaged or not a CIFAR python pickle ({type(exc).__name__}: {detail}); "
+                         f"expected {_PICKLE_LAYOUT}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+        raise ValueError(f"{path}: expected {_PICKLE_LAYOUT}, got {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
@@ -118,7 +138,10 @@ def _read_batch(path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if data.dtype != np.uint8 or data.size % 3072:
         raise ValueError(f"{path}: 'data' must be uint8 rows of 3072 values, got {data.dtype} {data.shape}")
     images = data.reshape(-1, 3, 32, 32).copy()  # rows are R, G, B planes of 32x32; copy: writable
-    labels = np.asarray(d[spec["labels"]], dtype=np.int64)
+    try:
+        labels = np.asarray(d[spec["labels"]], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{path}: {spec['labels']!r} must be a list of integers") from None
     if labels.shape != (len(images),):
         raise ValueError(f"{path}: {len(images)} images but labels of shape {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() >= spec["num_classes"]):
