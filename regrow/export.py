@@ -12,7 +12,7 @@
   ``nn.Linear`` with constant fan-in over its active rows becomes a ``CondensedLinear``
   (rows that lost inputs to an upstream removal are zero-padded), one with varying fan-in
   becomes ``CSRLinear`` if its density is at most ``csr_max_density`` and stays dense
-  otherwise. Convolutions stay dense with masks applied: a condensed convolution measured
+  otherwise; a masked layer without zeros (density 1) stays a plain ``nn.Linear``. Convolutions stay dense with masks applied: a condensed convolution measured
   slower than torch's dense one here (see ``benchmarks/inference.py``), but their ablated
   output channels are removed where the graph allows.
 
@@ -448,7 +448,11 @@ class _ExportState:
             if format == "dense":
                 rec.notes.append("mask applied")
                 continue
-            density = float(mask.float().mean()) if mask.numel() else 1.0
+            # exact (a float32 mean puts a density of exactly 0.1 above 0.1)
+            density = int(mask.sum()) / mask.numel() if mask.numel() else 1.0
+            if format == "condensed" and density == 1.0:
+                rec.notes.append("no zeros (density 1): dense")
+                continue
             # constant fan-in is judged on the trained mask, before upstream removals took columns
             original = self.original_masks[f"{name}.weight" if name else "weight"]
             if format == "condensed" and has_constant_fan_in(original):

@@ -9,8 +9,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import regrow
+import regrow.train as train_mod
+from regrow import models
+from regrow.config import TrainConfig
 from regrow.export import export, export_run, format_report, load_exported, save_exported
-from regrow.nn import CondensedLinear, CSRLinear
+from regrow.nn import CondensedLinear, CSRLinear, sparse_linear
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -162,6 +165,37 @@ def test_non_constant_fan_in_falls_back():
     assert_same_outputs(out, masked_reference(model, masks), torch.randn(5, 50))
 
 
+def test_density_exactly_at_the_csr_threshold_is_csr():
+    model = randomize(nn.Sequential(nn.Linear(50, 40)))
+    g = torch.Generator().manual_seed(3)
+    mask = torch.zeros(40 * 50, dtype=torch.bool)
+    mask[torch.randperm(40 * 50, generator=g)[:200]] = True     # 200 / 2000: exactly 0.1
+    mask = mask.view(40, 50)
+    assert int(mask.sum()) == 200 and not regrow.nn.condensed.has_constant_fan_in(mask)
+    assert float(mask.float().mean()) > 0.1          # the float32 mean that used to decide
+    out = export(model, {"0.weight": mask}, "condensed", csr_max_density=0.1)
+    assert isinstance(out[0], CSRLinear)
+    assert "csr (density 0.100 <= 0.1)" in out.regrow_export_report[0]["notes"]
+    assert_same_outputs(out, masked_reference(model, {"0.weight": mask}), torch.randn(4, 50))
+
+
+def test_layers_without_zeros_stay_dense_in_condensed_export():
+    model = mlp()
+    masks = constant_fan_in_masks(model)
+    masks["4.weight"] = torch.ones_like(masks["4.weight"])       # a dense layer (e.g. a dense run)
+    out = export(model, masks, "condensed")
+    assert type(out[4]) is nn.Linear and isinstance(out[1], CondensedLinear)
+    assert isinstance(out[7], CondensedLinear)
+    row = next(r for r in out.regrow_export_report if r["name"] == "4")
+    assert row["format"] == "dense" and "no zeros (density 1): dense" in row["notes"]
+    assert_same_outputs(out, masked_reference(model, masks), torch.randn(5, 64))
+    # a dense run: every layer stays nn.Linear
+    ones = {k: torch.ones_like(v) for k, v in masks.items()}
+    out = export(model, ones, "condensed")
+    assert all(type(out[i]) is nn.Linear for i in (1, 4, 7))
+    assert_same_outputs(out, masked_reference(model, ones), torch.randn(5, 64))
+
+
 @pytest.mark.parametrize("fmt,cls", [("csr", CSRLinear), ("dense", nn.Linear)])
 def test_csr_and_dense_formats(fmt, cls):
     model = mlp()
@@ -198,7 +232,6 @@ def test_condensed_export_property(widths, density, dead, seed):
 
 # -- convolutional models (regrow.models) -----------------------------------------------------------
 def zoo(name, in_shape, **options):
-    models = pytest.importorskip("regrow.models")
     torch.manual_seed(0)
     model = randomize(models.build(name, 10, in_shape, **options))
     # build() records how to rebuild the model, so save_exported needs no arch= argument
@@ -351,9 +384,6 @@ def test_mismatched_spec(saved, tmp_path):
 
 
 def test_export_run(tmp_path):
-    train_mod = pytest.importorskip("regrow.train")
-    from regrow.config import TrainConfig
-
     config = TrainConfig(dataset="digits", widths=[32], epochs=1, batch_size=128, update_interval=4,
                          method="srigl", sparsity=0.8, threads=1)
     train_mod.train(config, tmp_path / "run")
@@ -367,7 +397,6 @@ def test_export_run(tmp_path):
 
 
 def test_always_sparse_layers_export():
-    sparse_linear = pytest.importorskip("regrow.nn.sparse_linear")
     model = nn.Sequential(sparse_linear.SparseLinear(20, 32, fan_in=4), nn.ReLU(),
                           sparse_linear.SparseLinear(32, 5, fan_in=6))
     x = torch.randn(3, 20)
@@ -379,10 +408,6 @@ def test_always_sparse_layers_export():
 
 
 def test_export_run_of_an_always_sparse_run(tmp_path):
-    train_mod = pytest.importorskip("regrow.train")
-    pytest.importorskip("regrow.nn.sparse_linear")
-    from regrow.config import TrainConfig
-
     config = TrainConfig(dataset="digits", widths=[32], epochs=1, batch_size=128, update_interval=4,
                          method="set", sparsity=0.8, threads=1, backend="sparse")
     train_mod.train(config, tmp_path / "run")
