@@ -103,10 +103,15 @@ def _run_cli(argv, capsys):
     (["--backend", "sparse", "--model", "lenet5"], "for the mlp only"),
     (["--model", "lenet5", "--widths", "3"], "--widths applies to the mlp only"),
     (["--model-option", "nope=1"], "has no option"),
+    (["--model-option", "widths=5"], "mlp option widths must be a list of positive integers"),
+    (["--config", "WIDTHS_YAML"], "mlp option widths must be a list of positive integers (e.g. [300, 100]), got 300"),
+    (["--model", "resnet20", "--model-option", "shortcut=3"], "model 'resnet20': bad option value in shortcut=3"),
     (["--config", "/no/such.yaml"], "config file /no/such.yaml does not exist"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
-    argv = [str(tmp_path) if a == "EMPTY" else a for a in argv]
+    (tmp_path / "widths.yaml").write_text("model_options: {widths: 300}\n")
+    argv = [str(tmp_path) if a == "EMPTY" else str(tmp_path / "widths.yaml") if a == "WIDTHS_YAML" else a
+            for a in argv]
     code, out, err = _run_cli(["train", "--out", str(tmp_path / "run"), "--quiet", *argv], capsys)
     assert code == 1
     assert "Traceback" not in err and err.count("\n") == 1

@@ -71,7 +71,8 @@ def build(name: str, num_classes: int, in_shape: tuple[int, ...], **options: obj
         An ``nn.Module`` mapping ``[B, *in_shape]`` to ``[B, num_classes]``.
 
     Raises:
-        ValueError: unknown name, unknown option, or an input shape the model cannot take.
+        ValueError: unknown name, unknown option, an option value of the wrong type, or an
+            input shape the model cannot take.
     """
     builder = _builder(name)
     valid = model_options(name)
@@ -82,7 +83,15 @@ def build(name: str, num_classes: int, in_shape: tuple[int, ...], **options: obj
         )
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    model = builder(int(num_classes), tuple(int(s) for s in in_shape), **options)
+    try:
+        model = builder(int(num_classes), tuple(int(s) for s in in_shape), **options)
+    except (TypeError, AttributeError) as err:
+        if not options:
+            raise
+        # a value of the wrong type fails deep inside the builder ("'int' object is not iterable")
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ValueError(f"model {name!r}: bad option value in {given} ({err}); "
+                         f"defaults: {model_options(name)}") from None
     # how to rebuild it: lets regrow.save_exported describe the architecture without pickling code
     model.regrow_arch = {"name": name.lower(), "num_classes": int(num_classes),
                          "in_shape": [int(s) for s in in_shape], "options": dict(options)}

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+
+def _check_widths(widths: object) -> tuple[int, ...]:
+    """``widths`` as a tuple of ints; ValueError unless it is a sequence of positive integers."""
+    def positive_int(w: object) -> bool:
+        return (isinstance(w, numbers.Integral) and not isinstance(w, bool) and int(w) >= 1) or (
+            isinstance(w, float) and w.is_integer() and w >= 1)
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not all(map(positive_int, widths)):
+        raise ValueError(f"mlp option widths must be a list of positive integers (e.g. [300, 100]), "
+                         f"got {widths!r}")
+    return tuple(int(w) for w in widths)
 
 
 class MLP(nn.Module):
@@ -21,9 +33,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, widths: Sequence[int] = (300, 100)) -> None:
         super().__init__()
-        widths = tuple(int(w) for w in widths)
-        if any(w < 1 for w in widths):
-            raise ValueError(f"mlp widths must be positive integers, got {widths}")
+        widths = _check_widths(widths)
         # named fc1..fcN so per-layer reports read "fc2.weight", not "net.3.weight"
         layers: dict[str, nn.Module] = {"flatten": nn.Flatten()}
         prev = in_features
