@@ -103,8 +103,8 @@ def _run_cli(argv, capsys):
     (["--backend", "sparse", "--model", "lenet5"], "for the mlp only"),
     (["--model", "lenet5", "--widths", "3"], "--widths applies to the mlp only"),
     (["--model-option", "nope=1"], "has no option"),
-    (["--model-option", "widths=5"], "mlp option widths must be a list of positive integers"),
-    (["--config", "WIDTHS_YAML"], "mlp option widths must be a list of positive integers (e.g. [300, 100]), got 300"),
+    (["--model-option", "widths=5"], "mlp widths must be positive integers, in a list"),
+    (["--config", "WIDTHS_YAML"], "mlp widths must be positive integers, in a list (e.g. widths=[300, 100]), got 300"),
     (["--model", "resnet20", "--model-option", "shortcut=3"], "model 'resnet20': bad option value in shortcut=3"),
     (["--config", "/no/such.yaml"], "config file /no/such.yaml does not exist"),
 ])

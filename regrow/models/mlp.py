@@ -17,7 +17,7 @@ def _check_widths(widths: object) -> tuple[int, ...]:
         return (isinstance(w, numbers.Integral) and not isinstance(w, bool) and int(w) >= 1) or (
             isinstance(w, float) and w.is_integer() and w >= 1)
     if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not all(map(positive_int, widths)):
-        raise ValueError(f"mlp option widths must be a list of positive integers (e.g. [300, 100]), "
+        raise ValueError(f"mlp widths must be positive integers, in a list (e.g. widths=[300, 100]), "
                          f"got {widths!r}")
     return tuple(int(w) for w in widths)
 
