@@ -19,10 +19,6 @@ class ActivationCapture:
         self._inputs: list[torch.Tensor] = []
         self._grads: dict[int, torch.Tensor] = {}
 
-    @property
-    def armed(self) -> bool:
-        return self._handle is not None
-
     def arm(self) -> None:
         if self._handle is None:
             self._handle = self.module.register_forward_hook(self._on_forward)

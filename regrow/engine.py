@@ -131,7 +131,8 @@ class DynamicSparsity:
         """Optimizer step with masked gradients, masks re-applied, topology update when due."""
         t = self._step + 1
         due = self.method.dynamic and self.schedule.is_update(t)
-        if due and not all(target.grad_is_finite() for target in self.targets):
+        # only a method that reads gradients is misled by a non-finite one (GMP must not skip)
+        if due and self.method.needs_grad and not all(target.grad_is_finite() for target in self.targets):
             warnings.warn(f"regrow: non-finite gradient at step {t}; skipping this topology update",
                           RuntimeWarning, stacklevel=2)
             due = False
@@ -174,9 +175,12 @@ class DynamicSparsity:
         if set(state["targets"]) != names:
             raise ValueError(f"checkpoint layers {sorted(state['targets'])} do not match this model's "
                              f"sparsified layers {sorted(names)}")
-        if state["config"]["method"] != self.method.name:
-            raise ValueError(f"checkpoint was made with method '{state['config']['method']}', "
-                             f"not '{self.method.name}'")
+        saved = state["config"]
+        for key, mine in (("method", self.method.name), ("sparsity", self.sparsity),
+                          ("distribution", self.distribution)):
+            if saved[key] != mine:
+                raise ValueError(f"checkpoint was made with {key} {saved[key]!r}, not {mine!r}; "
+                                 "create DynamicSparsity with the checkpoint's settings")
         for t in self.targets:
             t.load_state_dict(state["targets"][t.name])
         self.method.load_state_dict(state["method"])
@@ -193,6 +197,8 @@ class DynamicSparsity:
         ctx = UpdateContext(step=t, fraction=self.schedule.fraction(t), generator=self.generator)
         with torch.no_grad():
             for target in self.targets:
+                if self.method.needs_grad and not target.grad_available():
+                    continue   # no gradient reached this layer at this step: nothing to grow by
                 self.method.update(target, ctx)
             self.method.after_update(self.targets, ctx)
         self._updates += 1

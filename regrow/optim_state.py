@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .flat import put_flat
+
 SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -38,7 +40,7 @@ class OptimizerStateMasker:
     @torch.no_grad()
     def zero_entries(self, param: torch.Tensor, flat: torch.Tensor) -> None:
         for buf in self._per_weight_state(param):
-            buf.view(-1).index_fill_(0, flat.to(buf.device), 0)
+            put_flat(buf, flat.to(buf.device), 0)
 
     @torch.no_grad()
     def zero_inactive(self, param: torch.Tensor, mask: torch.Tensor) -> None:

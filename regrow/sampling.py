@@ -21,16 +21,24 @@ _MAX_ROUNDS = 8   # factorised draws that keep hitting the same few pairs stop a
 def _draw_until(target: SparseTarget, m: int, draw, rounds: int | None = None,
                 found: torch.Tensor | None = None) -> torch.Tensor:
     """Distinct inactive flat indices from repeated calls of ``draw(n)`` added to ``found``
-    until there are at least m (or ``rounds`` draws were made)."""
+    until there are at least m (or ``rounds`` draws were made).
+
+    Each draw is sized by the acceptance rate seen so far, so when most of the remaining
+    candidates are already found (a subset close to the whole inactive set) the number of
+    rounds stays small instead of crawling through the coupon-collector tail.
+    """
     if found is None:
         found = torch.empty(0, dtype=torch.long, device=target.device)
-    attempt = 0
+    attempt, rate = 0, 1.0
     while found.numel() < m and (rounds is None or attempt < rounds):
         attempt += 1
         need = m - found.numel()
-        flat = draw(math.ceil(need * 1.25) + 16)
+        n = min(math.ceil(need * 1.25 / rate) + 16, 4 * target.numel + 16)
+        flat = draw(n)
         flat = flat[~target.is_active(flat)]
+        before = found.numel()
         found = torch.unique(torch.cat([found, flat]))
+        rate = max((found.numel() - before) / n, 1e-4)
     return found
 
 
@@ -64,8 +72,7 @@ def uniform_inactive(target: SparseTarget, m: int, gen: torch.Generator,
 
     def draw(n: int) -> torch.Tensor:
         return torch.randint(target.numel, (n,), generator=gen).to(target.device)
-    start = None if exclude is None else exclude
-    found = _draw_until(target, m + excluded, draw, found=start)
+    found = _draw_until(target, m + excluded, draw, found=exclude)
     if exclude is not None:
         found = found[~torch.isin(found, exclude)]
     return _subsample(found, m, gen)
@@ -107,6 +114,7 @@ def _marginals(target: SparseTarget, kind: str, gen: torch.Generator) -> tuple[t
     h, delta = pair
     # h and delta are this rank's share of the batch (DDP all-reduces p.grad, not these), so
     # the marginals are summed over ranks before use: every rank then samples the same subset
+    h, delta = h.float(), delta.float()   # autocast captures mixed dtypes; fp16 sums overflow
     if kind == "grabo":
         # Lemma 1: |dL/dw_oi| <= ||delta_o|| ||h_i||; the reference code uses the batch sums of |.|
         return all_reduce_sum(delta.abs().sum(0), h.abs().sum(0))

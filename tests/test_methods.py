@@ -123,28 +123,56 @@ def test_grabo_never_samples_rows_with_zero_output_gradient():
     assert flat.numel() == 20 and not ((rows == 3) | (rows == 4)).any()
 
 
-def test_uniform_sampling_is_roughly_uniform():
+def test_uniform_sampling_is_uniform_by_chi_square():
     model, optimizer, dst = build("gse", total_steps=40, sparsity=0.95, distribution="uniform")
     t = dst.targets[0]
     gen = torch.Generator().manual_seed(0)
+    draws = 3000
     hits = torch.zeros(t.numel)
-    for _ in range(400):
+    for _ in range(draws):
         hits[uniform_inactive(t, 10, gen)] += 1
     inactive = ~t.mask.view(-1)
     assert hits[~inactive].sum() == 0
-    expected = 400 * 10 / int(inactive.sum())
-    # chi-square-ish sanity: no inactive entry is wildly over- or under-sampled
-    assert hits[inactive].mean() == pytest.approx(expected, rel=1e-6)
-    assert hits[inactive].max() < expected * 4
+    observed = hits[inactive]
+    cells = observed.numel()
+    expected = draws * 10 / cells
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    # chi-square with cells-1 degrees of freedom: mean cells-1, sd sqrt(2(cells-1)); a sampler
+    # that favoured half of the inactive set would land near draws * 10 here
+    assert chi2 < (cells - 1) + 6 * math.sqrt(2 * (cells - 1)), chi2
+    assert (observed > 0).all()
 
 
-def test_dstee_prefers_never_active_weights_when_c_is_large():
-    model, dst, grads, before, after = _grads_and_masks_at_update("dstee", c=1e6)
-    counts = dst.method.counts
+@pytest.mark.parametrize("c", [0.0, 1e-2, 1e6])
+def test_dstee_grows_the_top_of_its_score_at_a_later_update(c):
+    """At the third update some inactive weights were active before (count >= 1): the grown set
+    is exactly the top-k of |grad| + c ln(t) / (N + eps) over the weights inactive before it."""
+    model, optimizer, dst = build("dstee", total_steps=60, update_interval=4, c=c, eps=1.0, drop_fraction=0.5)
+    data = batches(12, seed=2)
+    for x, y in data[:11]:
+        train_step(model, optimizer, dst, x, y)
+    counts = {n: v.clone() for n, v in dst.method.counts.items()}
+    x, y = data[11]
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    before = {n: m.clone() for n, m in dst.masks.items()}
+    dst.step()
+    assert dst.stats()["updates"] == 3
+    revisited = 0
     for name in before:
-        grown = (after[name] & ~before[name]).view(-1)
-        # grown weights had never been active (count 0 before this update, 1 after it)
-        assert grown.any() and (counts[name][grown] == 1).all()
+        inactive = (~before[name]).view(-1)
+        grown = (dst.masks[name] & ~before[name]).view(-1)
+        score = grads[name].abs().view(-1) + c * math.log(12) / (counts[name].float() + 1.0)
+        score[~inactive] = -1
+        k = int(grown.sum())
+        expected = torch.zeros_like(grown)
+        expected[torch.sort(score, descending=True, stable=True).indices[:k]] = True
+        assert torch.equal(grown, expected), name
+        assert (counts[name][inactive] >= 1).any(), "some candidates were active before"
+        revisited += int((counts[name][grown] >= 1).sum())
+    if c == 1e6:
+        assert revisited == 0, "a huge exploration bonus grows only never-active weights"
 
 
 def test_dstee_counts_track_active_updates():

@@ -61,8 +61,6 @@ def test_grad_at_without_capture_is_a_clear_error():
     layer = SparseLinear(8, 4, 0.5)
     t = target_for(layer)
     t.release()
-    t._engine_arms = True   # as if the engine armed only at update steps
-    t.release()
     with pytest.raises(RuntimeError, match="no inputs/output gradients were captured"):
         t.grad_at(torch.tensor([0]))
 
@@ -347,3 +345,40 @@ def test_checkpoint_resume_continues_exactly():
     for a, b in zip(model.state_dict().values(), model3.state_dict().values()):
         assert torch.equal(a, b)
     assert dst.stats() == dst3.stats()
+
+
+def test_ever_active_set_does_not_depend_on_load_order():
+    def run(seed_model):
+        model = nn.Sequential(SparseLinear(12, 16, 0.3, seed=seed_model), nn.ReLU(), SparseLinear(16, 3, 0.5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, regrow.DynamicSparsity(model, opt, method="set", sparsity=0.9, total_steps=40,
+                                                  update_interval=2)
+    model, opt, dst = run(0)
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    for _ in range(6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        dst.step()
+    saved_model, saved_dst = model.state_dict(), dst.state_dict()
+    for dst_first in (True, False):
+        model2, _, dst2 = run(1)   # a different random topology until the model is loaded
+        if dst_first:
+            dst2.load_state_dict(saved_dst)
+            model2.load_state_dict(saved_model)
+        else:
+            model2.load_state_dict(saved_model)
+            dst2.load_state_dict(saved_dst)
+        assert dst2.stats()["itop_rate"] == dst.stats()["itop_rate"], f"dst loaded first: {dst_first}"
+
+
+def test_sampling_a_subset_as_large_as_the_inactive_set_takes_few_rounds():
+    # no enumeration on this backend: rejection must size its draws by the acceptance rate
+    from regrow.sampling import uniform_inactive
+    t = target_for(SparseLinear(300, 300, 0.1))
+    calls = []
+    original = t.is_active
+    t.is_active = lambda flat: (calls.append(flat.numel()), original(flat))[1]
+    available = t.numel - t.nnz
+    flat = uniform_inactive(t, available, torch.Generator().manual_seed(0))
+    assert flat.numel() == available and flat.unique().numel() == available
+    assert len(calls) <= 40, f"{len(calls)} rounds"

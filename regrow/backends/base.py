@@ -108,6 +108,10 @@ class SparseTarget(ABC):
     def grad_is_finite(self) -> bool:
         return True
 
+    def grad_available(self) -> bool:
+        """False when the layer got no gradient this step (unused branch, frozen layer)."""
+        return True
+
     def mask_grad(self) -> None:
         """Zero the gradient of inactive weights before the optimizer step."""
 

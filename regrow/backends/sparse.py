@@ -272,4 +272,6 @@ class SparseLinearTarget(SparseTarget):
         if ever.numel() and (int(ever.min()) < 0 or int(ever.max()) >= self.numel):
             raise ValueError(f"checkpoint ever-active set for '{self.name}' does not fit a "
                              f"{self.rows} x {self.cols} layer")
-        self._ever = torch.unique(torch.cat([ever, self.layer.active_keys()]))
+        # the saved set already holds every connection active at save time; the layer's
+        # current topology may still be a fresh random one if the model is loaded afterwards
+        self._ever = torch.unique(ever)

@@ -79,9 +79,14 @@ class Method:
             t.set_mask(random_mask(t, t.budget, gen))
 
     # -- one topology update -------------------------------------------------------------
-    def update(self, target: SparseTarget, ctx: UpdateContext) -> None:
+    @staticmethod
+    def rewire_count(target: SparseTarget, ctx: UpdateContext) -> int:
+        """k = floor(alpha_t * N), at most the number of inactive connections."""
         n = target.nnz
-        k = min(int(ctx.fraction * n), target.numel - n)
+        return min(int(ctx.fraction * n), target.numel - n)
+
+    def update(self, target: SparseTarget, ctx: UpdateContext) -> None:
+        k = self.rewire_count(target, ctx)
         if k <= 0:
             return
         drop = self.drop(target, k)

@@ -46,4 +46,5 @@ class DSTEE(Method):
 
     def load_state_dict(self, state: dict) -> None:
         for name, counts in state["counts"].items():
-            self.counts[name] = counts.clone().to(self.counts[name].device if name in self.counts else counts.device)
+            device = self.counts[name].device if name in self.counts else counts.device
+            self.counts[name] = counts.to(device, copy=True)

@@ -45,16 +45,17 @@ class SRigL(Method):
             self.totals[t.name] = fan_in * t.rows
 
     def update(self, target, ctx: UpdateContext) -> None:
-        n, rows, cols = target.nnz, target.rows, target.cols
-        k = min(int(ctx.fraction * n), target.numel - n)
+        rows, cols = target.rows, target.cols
+        k = self.rewire_count(target, ctx)
         if k <= 0:
             return
-        weight = torch.zeros(target.numel, device=target.device)
         active = target.active_indices()
-        weight[active] = target.active_values().abs()
+        values = target.active_values()
+        weight = torch.zeros(target.numel, device=target.device, dtype=values.dtype)
+        weight[active] = values.abs()
         was_active = torch.zeros(target.numel, dtype=torch.bool, device=target.device)
         was_active[active] = True
-        grad = target.dense_grad().abs().reshape(-1)
+        grad = target.dense_grad().abs().reshape(-1).to(weight.dtype)
 
         # RigL's unstructured decision, used to measure each neuron's saliency
         dropped = active[smallest_k(weight[active], k)]
