@@ -3,8 +3,9 @@
 A run directory holds
 - ``config.yaml``: the resolved :class:`~regrow.config.TrainConfig`;
 - ``checkpoint.pt``: model, optimizer, LR scheduler, DST state (masks, counters, RNG), the
-  global RNG, the epoch and the batch reached inside it, the metric history (written at
-  every epoch end and every ``checkpoint_every`` steps, atomically);
+  global RNGs (the CPU's, and every GPU's when CUDA is available), the epoch and the batch
+  reached inside it, the metric history (written at every epoch end and every
+  ``checkpoint_every`` steps, atomically);
 - ``metrics.jsonl``: one line per finished epoch;
 - ``summary.json``: written only once the run has finished (tools skip finished runs by it).
 
@@ -38,6 +39,7 @@ from .config import TrainConfig, describe_differences, from_dict, save_yaml
 from .distributed import mask_checksum
 from .engine import DynamicSparsity
 from .flops import TrainFlops, growth_cost, gse_subset_fraction, measure_layer_flops
+from .nn.sparsify import sparsify
 
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
@@ -92,29 +94,11 @@ def build_model(config: TrainConfig, in_shape: tuple[int, ...], num_classes: int
     torch.manual_seed(config.seed)
     model = build(config.model, num_classes, in_shape, **config.model_kwargs())
     if config.backend == "sparse":
-        sparsify = _sparsify_function()
         # sparsify keeps whole modules dense; accept parameter names as DynamicSparsity does
         dense = [name.removesuffix(".weight") for name in config.dense_layers]
         model = sparsify(model, sparsity=config.sparsity, distribution=config.distribution,
                          seed=config.seed, dense_layers=dense)
     return model
-
-
-def _sparsify_function():
-    import importlib
-    import types
-    try:
-        found = importlib.import_module("regrow.nn").sparsify
-    except (ImportError, AttributeError):
-        try:
-            found = importlib.import_module("regrow.nn.sparsify")
-        except ImportError:
-            found = None
-    if isinstance(found, types.ModuleType):   # the submodule, not yet re-exported by regrow.nn
-        found = getattr(found, "sparsify", None)
-    if not callable(found):
-        raise ValueError("--backend sparse is not available: regrow.nn.sparsify is missing in this installation")
-    return found
 
 
 def make_sparsity(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -264,7 +248,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         scheduler.load_state_dict(state["scheduler"])
         dst.load_state_dict(state["dst"])
         flops.load_state_dict(state["flops"])
-        torch.set_rng_state(state["rng"])
+        _set_rng_states(state)
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
         history, wall_before = list(state["history"]), float(state["wall_seconds"])
         # the checkpoint holds the sums over all ranks: one rank carries them on
@@ -288,7 +272,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             "config": config.to_dict(), "epoch": epoch, "batch": batch, "step": dst.step_count,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "dst": dst.state_dict(),
-            "flops": flops.state_dict(), "rng": torch.get_rng_state(), "history": history,
+            "flops": flops.state_dict(), "history": history, **_rng_states(),
             "running": totals.state(), "wall_seconds": wall(),
             "masks": _masks(dst), "in_shape": list(data.in_shape), "num_classes": data.num_classes,
         }, out / CHECKPOINT_NAME)
@@ -388,6 +372,22 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     if is_main_process:
         _write_json(out / SUMMARY_NAME, summary)
     return summary
+
+
+def _rng_states() -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """The global RNGs that dropout and friends draw from: the CPU one, and every visible GPU's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"rng": torch.get_rng_state(), "cuda_rng": [s.cpu() for s in cuda]}
+
+
+def _set_rng_states(state: dict) -> None:
+    """Restore :func:`_rng_states`; checkpoints without GPU states (CPU runs, older files) load as
+    they are, and only the GPUs present now are restored (a run resumed on fewer devices)."""
+    torch.set_rng_state(state["rng"])
+    cuda = state.get("cuda_rng") or []
+    if cuda and torch.cuda.is_available():
+        for index, rng in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, index)
 
 
 def _over_ranks(running: _Epoch, group: ddp_train.Group) -> _Epoch:

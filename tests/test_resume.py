@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from regrow.checkpoint import load_checkpoint
+from regrow.checkpoint import load_checkpoint, save_checkpoint
 from regrow.cli import main
 from regrow.config import TrainConfig
 from regrow.train import train
@@ -87,3 +87,29 @@ def test_resume_refuses_finished_and_changed_runs(tmp_path, capsys):
     assert "drop --lr" in capsys.readouterr().err
     with pytest.raises(ValueError, match="already holds a run"):
         train(cfg2, tmp_path / "cut2")
+
+
+def test_checkpoints_carry_gpu_rng_states_and_cpu_checkpoints_still_load(tmp_path, monkeypatch):
+    cfg = BASE.replace(method="static", epochs=1, checkpoint_every=5)
+    cpu = tmp_path / "cpu"
+    train(cfg, cpu, stop_after_steps=7)
+    ckpt = _final(cpu)                                   # torch.load(weights_only=True)
+    assert ckpt["cuda_rng"] == [] and ckpt["rng"].dtype == torch.uint8
+    del ckpt["cuda_rng"]                                 # as written before GPU states were saved
+    save_checkpoint(ckpt, cpu / "checkpoint.pt")
+    assert train(None, cpu, resume=True) is not None
+
+    # with CUDA (faked: this machine has none) every device's state is saved, and restored on resume
+    fake = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in fake])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)   # resumed on fewer devices
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(device, s.clone()))
+    gpu = tmp_path / "gpu"
+    train(cfg, gpu, stop_after_steps=7)
+    ckpt = _final(gpu)
+    assert len(ckpt["cuda_rng"]) == 2 and all(torch.equal(a, b) for a, b in zip(ckpt["cuda_rng"], fake))
+    assert not restored
+    assert train(None, gpu, resume=True) is not None
+    assert list(restored) == [0] and torch.equal(restored[0], fake[0])
