@@ -293,10 +293,7 @@ def cmd_export(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "checkpoint.pt").is_file():
         raise CLIError(f"{run_dir} has no checkpoint.pt: not a run folder")
-    try:
-        from .export import export_run
-    except ImportError:
-        raise CLIError("export is not available in this installation (regrow.export.export_run is missing)") from None
+    from .export import export_run
     result = export_run(run_dir, args.format, args.out)
     for layer in result.get("report", []):
         notes = f" ({layer['notes']})" if layer.get("notes") else ""

@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from .data import DATASETS
 from .density import DISTRIBUTIONS
 from .methods import METHODS, REGISTRY, option_names
+from .models import MODELS
 from .schedules import DROP_SCHEDULES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -35,22 +37,6 @@ def _opt(default: Any, help: str, kind: str, *, choices: tuple | None = None,
     return field(default=default, metadata=meta)
 
 
-def _models() -> tuple[str, ...]:
-    try:
-        from .models import MODELS
-        return MODELS
-    except ImportError:  # the model zoo is optional at config time
-        return ()
-
-
-def _datasets() -> tuple[str, ...]:
-    try:
-        from .data import DATASETS
-        return DATASETS
-    except ImportError:
-        return ()
-
-
 # Method options: config field -> the keyword the method classes take.
 METHOD_OPTIONS = {
     "grow_init": "grow_init", "gamma": "gamma", "sampling": "sampling", "c": "c", "eps": "eps",
@@ -63,13 +49,13 @@ class TrainConfig:
     """Everything that defines one training run (the output directory aside)."""
 
     # -- model and data ---------------------------------------------------------------------
-    model: str = _opt("mlp", "network to train", "str", choices=_models(), group="model and data")
+    model: str = _opt("mlp", "network to train", "str", choices=MODELS, group="model and data")
     widths: list = _opt([], "hidden widths of the mlp, comma-separated (empty: the model's default, "
                         "LeNet-300-100)", "ints", group="model and data", metavar="W1,W2,...")
     model_options: dict = _opt({}, "other model option KEY=VALUE (repeatable), e.g. width=0.5 for "
                                "resnets/vggs, dim=128 for vit", "dict", group="model and data",
                                metavar="KEY=VALUE")
-    dataset: str = _opt("digits", "data set", "str", choices=_datasets(), group="model and data")
+    dataset: str = _opt("digits", "data set", "str", choices=DATASETS, group="model and data")
     data_dir: str | None = _opt(None, "folder holding the data set's files (mnist, fashion-mnist, "
                                 "cifar10, cifar100)", "str", group="model and data", metavar="DIR")
     val_fraction: float = _opt(0.0, "fraction of the training set held out for validation", "float",

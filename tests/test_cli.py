@@ -130,27 +130,14 @@ def test_train_end_to_end_and_export(tmp_path, capsys):
     code, stdout, err = _run_cli(["train", *FAST[:-1], "--method", "static", "--out", str(tmp_path / "loud")], capsys)
     assert code == 0 and "epoch 1/1" in stdout and "test accuracy" in stdout
 
-    try:
-        from regrow.export import export_run  # noqa: F401
-    except ImportError:
-        code, _, err = _run_cli(["export", str(out)], capsys)
-        assert code == 1 and "not available" in err
-    else:
-        code, stdout, err = _run_cli(["export", str(out), "--format", "csr", "--out", str(tmp_path / "w")], capsys)
-        assert code == 0, err
-        assert (tmp_path / "w.safetensors").is_file() and "exported" in stdout
+    code, stdout, err = _run_cli(["export", str(out), "--format", "csr", "--out", str(tmp_path / "w")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "w.safetensors").is_file() and "exported" in stdout
     code, _, err = _run_cli(["export", str(tmp_path)], capsys)
     assert code == 1 and "no checkpoint.pt" in err
 
 
 def test_sparse_backend(tmp_path, capsys):
-    try:
-        from regrow.train import _sparsify_function
-        _sparsify_function()
-    except ValueError:
-        code, _, err = _run_cli(["train", *FAST, "--backend", "sparse", "--method", "set", "--out", str(tmp_path)], capsys)
-        assert code == 1 and "not available" in err
-        return
     code, _, err = _run_cli(["train", *FAST, "--backend", "sparse", "--method", "gse", "--sparsity", "0.8",
                              "--out", str(tmp_path)], capsys)
     assert code == 0, err

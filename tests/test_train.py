@@ -7,6 +7,7 @@ import torch
 
 from regrow.checkpoint import load_checkpoint, save_checkpoint
 from regrow.config import TrainConfig
+from regrow.ddp_train import Group, epoch_batches
 from regrow.train import epoch_order, load_trained, lr_factor, read_metrics, train
 
 TINY = TrainConfig(dataset="digits", widths=[16], epochs=2, batch_size=128, update_interval=3,
@@ -74,6 +75,15 @@ def test_epoch_order_is_a_seeded_permutation():
     assert torch.equal(a, epoch_order(100, seed=3, epoch=2))
     assert not torch.equal(a, epoch_order(100, seed=3, epoch=1))
     assert not torch.equal(a, epoch_order(100, seed=4, epoch=2))
+
+
+@pytest.mark.parametrize("n,batch,seed,epoch", [(100, 32, 3, 2), (1437, 64, 0, 0), (7, 7, 11, 5)])
+def test_train_batches_are_epoch_order_in_one_process(n, batch, seed, epoch):
+    """train() takes its batches from ddp_train.epoch_batches; in one process they are
+    epoch_order's permutation cut into batches (what benchmarks/peer_rigl.py relies on)."""
+    batches = epoch_batches(n, batch, seed, epoch, Group())
+    assert [len(b) for b in batches] == [min(batch, n - i) for i in range(0, n, batch)]
+    assert torch.equal(torch.cat(batches), epoch_order(n, seed, epoch))
 
 
 def test_lr_schedules_by_hand():
