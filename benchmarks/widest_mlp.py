@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import regrow  # noqa: E402
+import regrow.backends.sparse  # noqa: E402,F401  (imported up front: an hour-long run must not pick up edits made meanwhile)
 from regrow.data import load  # noqa: E402
 from regrow.nn import SparseLinear, _sparse_kernels  # noqa: E402
 
