@@ -52,8 +52,14 @@ def plan(methods: list[str], sparsities: list[float], seeds: list[int], dense: b
 
 
 def run_config(base: TrainConfig, spec: RunSpec) -> TrainConfig:
-    """The base configuration specialised to one run (options other methods take are dropped)."""
+    """The base configuration specialised to one run (options other methods take are dropped).
+
+    The dense baseline trains every weight, which the always-sparse backend cannot do: under
+    ``backend="sparse"`` it runs on the masked backend (the same dense layers, no mask).
+    """
     cfg = base.replace(method=spec.method, sparsity=spec.sparsity, seed=spec.seed)
+    if spec.method == "dense" and cfg.backend == "sparse":
+        cfg = cfg.replace(backend="masked")
     keep = cfg.method_options(strict=False)
     cleared = {key: None for key in ("grow_init", "gamma", "sampling", "c", "eps", "gamma_sal", "ablation",
                                      "begin_fraction")}
@@ -68,11 +74,8 @@ def run_compare(base: TrainConfig, methods: list[str], sparsities: list[float], 
     out = Path(out)
     specs = plan(methods, sparsities, seeds, dense)
     configs = [(spec, run_config(base, spec).validate()) for spec in specs]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.yaml").write_text(yaml.safe_dump(
-        {"methods": methods, "sparsity": sparsities, "seeds": seeds, "dense": dense, "base": base.to_dict()},
-        sort_keys=False))
-    # refuse to mix runs made with another configuration before spending any time
+    # refuse to mix runs made with another configuration before spending any time (and before
+    # touching compare.yaml, which describes the runs already there)
     for spec, cfg in configs:
         saved = out / spec.name / CONFIG_NAME
         if saved.is_file():
@@ -80,6 +83,10 @@ def run_compare(base: TrainConfig, methods: list[str], sparsities: list[float], 
             if diff:
                 raise ValueError(f"{saved.parent} was made with another configuration ({'; '.join(diff[:3])}); "
                                  "use another --out or remove that run")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.yaml").write_text(yaml.safe_dump(
+        {"methods": methods, "sparsity": sparsities, "seeds": seeds, "dense": dense, "base": base.to_dict()},
+        sort_keys=False))
 
     from tqdm.auto import tqdm
     summaries = []
