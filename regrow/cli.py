@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare", formatter_class=fmt, help="run the method x sparsity x seed matrix and report",
-        description="Train every method at every sparsity for every seed (plus a dense baseline per seed), "
-                    "one folder each under OUT, skipping finished runs and resuming interrupted ones, then "
+        description="Train every method at every sparsity for every seed (plus a dense baseline per seed; "
+                    "with --backend sparse the baseline uses the masked backend, since always-sparse layers "
+                    "cannot be dense), one folder each under OUT, skipping finished runs and resuming interrupted ones, then "
                     "write OUT/results.json, OUT/results.md and OUT/plots/*.png. Runs go one after another.",
         epilog="example:\n  regrow compare --methods static,set,rigl,gse,dstee,srigl --sparsity 0.9,0.95,0.98 "
                "--seeds 3 \\\n      --dataset fashion-mnist --data-dir ../shared/data/fashion-mnist --epochs 3 "
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsities (default: 0.9,0.95,0.98)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="number of seeds, starting at --seed (default: 1)")
-    p.add_argument("--no-dense", dest="dense", action="store_false", help="leave out the dense baseline")
+    p.add_argument("--no-dense", dest="dense", action="store_false",
+                   help="leave out the dense baseline (with --backend sparse it trains on the masked backend)")
     p.add_argument("--config", metavar="FILE", help="YAML file of training options shared by every run")
     p.add_argument("--out", metavar="DIR", default="runs/compare", help="folder of the comparison (default: runs/compare)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="write the tables only")
@@ -230,6 +232,7 @@ def _train_command(args, *, quiet: bool) -> int:
             given = extra + (["--config"] if args.config else []) + (["--out"] if args.out else [])
             raise CLIError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
         config = None
+        args.run_dir = Path(args.resume)   # for the Ctrl-C hint in main()
         if hasattr(args, "threads"):
             from .checkpoint import checkpoint_path, load_checkpoint
             config = from_dict(load_checkpoint(checkpoint_path(args.resume))["config"]).replace(threads=args.threads)
@@ -238,6 +241,7 @@ def _train_command(args, *, quiet: bool) -> int:
     else:
         config = resolve_config(args)
         out = Path(args.out or f"runs/{config.method}-sp{config.sparsity:g}-seed{config.seed}")
+        args.run_dir = out   # for the Ctrl-C hint in main()
         summary = train(config, out, progress=_show_progress(args), log=_log(args))
     if not quiet:
         print(f"{summary['method']} at sparsity {summary['sparsity']:g}: test accuracy "
@@ -312,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         hint = ""
-        if args.command == "train":
-            hint = "; continue with: regrow train --resume " + str(args.resume or args.out or "OUT")
+        run_dir = getattr(args, "run_dir", None)   # unset: interrupted before a run folder was chosen
+        if args.command == "train" and run_dir is not None:
+            hint = f"; continue with: regrow train --resume {run_dir}"
         elif args.command in ("compare", "demo"):
             hint = "; run the same command again to continue"
         print(f"regrow: interrupted{hint}", file=sys.stderr)

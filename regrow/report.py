@@ -1,7 +1,9 @@
 """Tables from finished runs: ``results.json`` and a paper-style ``results.md``.
 
 A finished run is a folder with ``summary.json`` (see :mod:`regrow.train`). Runs are grouped
-by (method, sparsity); each cell gives the mean and sample standard deviation over seeds.
+by (method, sparsity); each cell gives the mean and sample standard deviation over seeds. All
+runs of a report must share their setup (``SETUP_KEYS``: model, data, epochs, optimiser, ...):
+runs that differ are refused, naming the fields, rather than averaged into one cell.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ SETUP_KEYS = ("model", "widths", "model_options", "dataset", "epochs", "batch_si
               "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing",
               "distribution", "update_interval", "drop_fraction", "drop_schedule", "stop_fraction",
               "backend")
+# setup fields that describe how sparse runs train: the dense baseline need not share them
+_SPARSE_ONLY_KEYS = ("backend",)
 
 
 def display_name(method: str) -> str:
@@ -58,8 +62,34 @@ def _method_order(method: str) -> tuple[int, str]:
     return (METHODS.index(method) if method in METHODS else len(METHODS), method)
 
 
+def _shared_setup(runs: list[dict]) -> dict:
+    """The value of every SETUP_KEYS field, which all runs must share.
+
+    Raises:
+        ValueError: runs differ in a setup field (averaging them into one cell would mix setups).
+    """
+    sparse = [r for r in runs if r["method"] != "dense"]
+    setup, differing = {}, []
+    for key in SETUP_KEYS:
+        # the dense baseline of a `compare --backend sparse` trains on the masked backend
+        group = sparse if key in _SPARSE_ONLY_KEYS and sparse else runs
+        values = sorted({json.dumps(r.get("config", {}).get(key, r.get(key)), sort_keys=True) for r in group})
+        if len(values) == 1:
+            setup[key] = json.loads(values[0])
+        else:
+            differing.append(f"{key} ({', '.join(values)})")
+    if differing:
+        raise ValueError(f"the runs differ in {'; '.join(differing)}: averaging them would mix setups; "
+                         "report each setup's runs from a folder of their own")
+    return setup
+
+
 def aggregate(runs: list[dict]) -> dict:
-    """Cells (method, sparsity) with mean/std over seeds, the dense baseline, and the setup."""
+    """Cells (method, sparsity) with mean/std over seeds, the dense baseline, and the setup.
+
+    Raises:
+        ValueError: no runs, or runs that differ in a setup field (``SETUP_KEYS``).
+    """
     if not runs:
         raise ValueError("no finished runs (no summary.json) to report on")
     groups: dict[tuple[str, float], list[dict]] = {}
@@ -75,10 +105,7 @@ def aggregate(runs: list[dict]) -> dict:
             if values:
                 cell[key] = _stat(values)
         cells.append(cell)
-    setup = {}
-    for key in SETUP_KEYS:
-        values = {json.dumps(r.get("config", {}).get(key, r.get(key)), sort_keys=True) for r in runs}
-        setup[key] = json.loads(values.pop()) if len(values) == 1 else "mixed"
+    setup = _shared_setup(runs)
     dense = [c for c in cells if c["method"] == "dense"]
     sparse = [c for c in cells if c["method"] != "dense"]
     return {
@@ -110,7 +137,7 @@ def render_markdown(results: dict) -> str:
     setup, sparsities = results["setup"], results["sparsities"]
     cells = {(c["method"], c["sparsity"]): c for c in results["cells"]}
     seeds = results["seeds"]
-    model = setup["model"] + (f" {'-'.join(map(str, setup['widths']))}" if setup.get("widths") not in (None, [], "mixed") else "")
+    model = setup["model"] + (f" {'-'.join(map(str, setup['widths']))}" if setup.get("widths") not in (None, []) else "")
     lines = [f"# {model} on {setup['dataset']}", ""]
     lines.append(
         f"{setup['epochs']} epochs, batch {setup['batch_size']}, {setup['optimizer']} lr {setup['lr']} "

@@ -137,6 +137,21 @@ def test_train_end_to_end_and_export(tmp_path, capsys):
     assert code == 1 and "no checkpoint.pt" in err
 
 
+def test_ctrl_c_hint_names_the_real_run_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("regrow.train.train", interrupted)
+    code, _, err = _run_cli(["train", *FAST, "--method", "set", "--sparsity", "0.8", "--seed", "4"], capsys)
+    assert code == 130
+    assert err == "regrow: interrupted; continue with: regrow train --resume runs/set-sp0.8-seed4\n"
+    code, _, err = _run_cli(["train", *FAST, "--out", "mine"], capsys)
+    assert code == 130 and err.endswith("--resume mine\n")
+    code, _, err = _run_cli(["train", "--resume", "old/run", "--quiet"], capsys)
+    assert code == 130 and err.endswith("--resume old/run\n")
+
+
 def test_sparse_backend(tmp_path, capsys):
     code, _, err = _run_cli(["train", *FAST, "--backend", "sparse", "--method", "gse", "--sparsity", "0.8",
                              "--out", str(tmp_path)], capsys)

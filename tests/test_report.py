@@ -56,8 +56,23 @@ def test_compare_refuses_a_changed_config(tmp_path, capsys):
     out = tmp_path / "cmp"
     base = ["compare", "--methods", "static", "--sparsity", "0.5", "--no-dense", "--no-plots", *FAST, "--out", str(out)]
     assert main(base) == 0
+    record = (out / "compare.yaml").read_text()
     code = main([a if a != "256" else "128" for a in base])
     assert code == 1 and "another configuration (batch_size" in capsys.readouterr().err
+    assert (out / "compare.yaml").read_text() == record      # a refused command leaves the record alone
+
+
+def test_compare_with_the_sparse_backend_keeps_a_dense_baseline(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "set", "--sparsity", "0.8", "--backend", "sparse", "--no-plots", *FAST,
+            "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    dense = json.loads((out / "dense-seed0" / "summary.json").read_text())
+    sparse = json.loads((out / "set-sp0.8-seed0" / "summary.json").read_text())
+    assert (dense["backend"], sparse["backend"]) == ("masked", "sparse")
+    results = json.loads((out / "results.json").read_text())
+    assert results["dense"]["n"] == 1 and results["setup"]["backend"] == "sparse"
+    assert main(argv) == 0                                     # the same command again: both skipped
 
 
 def test_plan():
@@ -70,7 +85,7 @@ def test_plan():
         plan(["set", "set"], [0.9], [0])
 
 
-def _fake_run(root, method, sparsity, seed, acc, itop=0.5):
+def _fake_run(root, method, sparsity, seed, acc, itop=0.5, **config):
     d = root / f"{method}-{sparsity}-{seed}"
     d.mkdir(parents=True)
     summary = {"method": method, "sparsity": sparsity, "seed": seed, "test_accuracy": acc,
@@ -79,7 +94,7 @@ def _fake_run(root, method, sparsity, seed, acc, itop=0.5):
                "config": {"model": "mlp", "widths": [300, 100], "dataset": "fashion-mnist", "epochs": 3,
                           "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "lr_schedule": "cosine",
                           "weight_decay": 0.0, "distribution": "erk", "update_interval": 50,
-                          "drop_fraction": 0.3, "drop_schedule": "cosine"}}
+                          "drop_fraction": 0.3, "drop_schedule": "cosine", **config}}
     (d / "summary.json").write_text(json.dumps(summary))
     (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_accuracy": acc, "itop_rate": itop}) + "\n")
 
@@ -103,6 +118,23 @@ def test_aggregate_by_hand(tmp_path):
     written = write_report(tmp_path, plots=True)
     assert {f.rsplit("/", 1)[-1] for f in written["files"]} >= {"results.json", "results.md",
                                                                  "accuracy_vs_sparsity.png"}
+
+
+def test_runs_of_different_setups_are_refused_not_averaged(tmp_path, capsys):
+    _fake_run(tmp_path / "a", "set", 0.9, 0, 0.80)
+    _fake_run(tmp_path / "b", "set", 0.9, 1, 0.90, epochs=30, lr=0.1)
+    with pytest.raises(ValueError, match=r"differ in epochs \(3, 30\); lr \(0.05, 0.1\): averaging them"):
+        aggregate(collect_runs(tmp_path))
+    assert main(["report", str(tmp_path), "--no-plots"]) == 1
+    assert "differ in epochs" in capsys.readouterr().err and not (tmp_path / "results.md").exists()
+    assert aggregate(collect_runs(tmp_path / "b"))["setup"]["epochs"] == 30   # one setup at a time
+    # the dense baseline may use another backend (compare --backend sparse runs it masked)
+    _fake_run(tmp_path / "c", "set", 0.9, 0, 0.8, backend="sparse")
+    _fake_run(tmp_path / "c", "dense", 0.0, 0, 0.9, backend="masked")
+    assert aggregate(collect_runs(tmp_path / "c"))["setup"]["backend"] == "sparse"
+    _fake_run(tmp_path / "c", "static", 0.9, 0, 0.8, backend="masked")
+    with pytest.raises(ValueError, match="differ in backend"):
+        aggregate(collect_runs(tmp_path / "c"))
 
 
 def test_report_without_runs(tmp_path, capsys):
