@@ -127,8 +127,20 @@ class DynamicSparsity:
     def step_count(self) -> int:
         return self._step
 
-    def step(self) -> None:
-        """Optimizer step with masked gradients, masks re-applied, topology update when due."""
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Optimizer step with masked gradients, masks re-applied, topology update when due.
+
+        With mixed precision, pass the ``torch.amp.GradScaler``::
+
+            scaler.scale(loss).backward()
+            dst.step(scaler)      # unscales, steps through scaler.step, rewires when due
+            scaler.update()
+
+        The gradients are unscaled first, so growth scores and the finiteness check see the true
+        gradients; a step the scaler skips (inf/NaN found) also skips that topology update.
+        """
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         t = self._step + 1
         due = self.method.dynamic and self.schedule.is_update(t)
         # only a method that reads gradients is misled by a non-finite one (GMP must not skip)
@@ -142,7 +154,10 @@ class DynamicSparsity:
         masked = self.method.masked
         for target in self.targets if masked else ():
             target.mask_grad()
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)
         for target in self.targets if masked else ():
             target.apply_mask()
         if due:

@@ -123,3 +123,43 @@ def test_checkpoint_of_another_sparsity_is_refused():
     _, _, b = build("set", sparsity=0.9)
     with pytest.raises(ValueError, match="sparsity 0.8, not 0.9"):
         b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("method", ["rigl", "gse", "srigl"])
+def test_grad_scaler_gives_the_same_training_as_full_precision(method):
+    """A power-of-two loss scale is exact in fp32: with the scaler passed to step(), training is
+    bitwise the same as without it, masks included."""
+    data = batches(12, seed=7)
+    model_a, opt_a, dst_a = build(method, model=mlp(seed=3), total_steps=12, update_interval=2)
+    model_b, opt_b, dst_b = build(method, model=mlp(seed=3), total_steps=12, update_interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for x, y in data:
+        train_step(model_a, opt_a, dst_a, x, y)
+        opt_b.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model_b(x), y)).backward()
+        dst_b.step(scaler)
+        scaler.update()
+    assert dst_a.stats()["updates"] == dst_b.stats()["updates"] > 0
+    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_step_the_grad_scaler_skips_also_skips_the_topology_update():
+    model, optimizer, dst = build("rigl", total_steps=20, update_interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x, y = batches(1)[0]
+    optimizer.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    dst.step(scaler)
+    scaler.update()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = {n: m.clone() for n, m in dst.masks.items()}
+    optimizer.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient at step 2"):
+        dst.step(scaler)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 7, "the scaler saw the inf and backed off"
+    assert all(torch.equal(weights[n], p) for n, p in model.named_parameters()), "the optimizer step was skipped"
+    assert all(torch.equal(masks[n], dst.masks[n]) for n in masks) and dst.stats()["updates"] == 0
