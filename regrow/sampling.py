@@ -47,8 +47,10 @@ def _subsample(flat: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor
     i.i.d. draws is itself a uniform subset, so this keeps uniformity)."""
     if flat.numel() <= m:
         return flat
-    keep = torch.randperm(flat.numel(), generator=gen)[:m].to(flat.device)
-    return flat[keep].sort().values
+    # a boolean selection keeps ``flat``'s ascending order: no sort of the m chosen
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.randperm(flat.numel(), generator=gen)[:m]] = True
+    return flat[keep.to(flat.device)]
 
 
 def uniform_inactive(target: SparseTarget, m: int, gen: torch.Generator,
