@@ -38,16 +38,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _common import proc_status_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("sparse_gse", "masked_rigl", "dense")
 FAN_IN, BATCH, IN, CLASSES = 64, 128, 784, 10
 UPDATE_EVERY = 100   # for the amortised step time
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 # -- one (variant, width), in a worker process ---------------------------------------------------
@@ -64,7 +61,7 @@ def worker(variant: str, width: int, seconds: float, threads: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, IN, generator=gen)
     y = torch.randint(CLASSES, (BATCH,), generator=gen)
-    base = _status("VmRSS")
+    base = proc_status_bytes("VmRSS")
     try:   # reset VmHWM so the peak is this configuration's own
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -107,7 +104,7 @@ def worker(variant: str, width: int, seconds: float, threads: int) -> dict:
     stats = dst.stats() if dst is not None else None
     return {"variant": variant, "width": width, "steps": len(ordinary) + len(updates), "build_s": build_s,
             "step_s": statistics.median(ordinary), "update_step_s": statistics.median(updates) if updates else None,
-            "peak_rss": _status("VmHWM"), "baseline_rss": base, "extra_rss": _status("VmHWM") - base,
+            "peak_rss": proc_status_bytes("VmHWM"), "baseline_rss": base, "extra_rss": proc_status_bytes("VmHWM") - base,
             "nnz": stats["nnz"] if stats else sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight")),
             "density": stats["density"] if stats else 1.0}
 

@@ -42,6 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import cpu_model  # noqa: E402
 from regrow.export import export  # noqa: E402
 from regrow.nn import CondensedLinear, CSRLinear  # noqa: E402
 from regrow.nn import _kernels  # noqa: E402
@@ -277,14 +278,8 @@ def conv_table(rows):
 
 # -- main -------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     kern = _kernels.load()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.now(timezone.utc).date().isoformat(),
             "kernel": {"path": str(kern.path), "flags": kern.flags} if kern else _kernels.unavailable_reason()}
 

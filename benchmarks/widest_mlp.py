@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _common import proc_status_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -39,11 +41,6 @@ from regrow.data import load  # noqa: E402
 from regrow.nn import SparseLinear, _sparse_kernels  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def build(width: int, fan_in: int, out_fan_in: int, seed: int) -> nn.Sequential:
@@ -90,7 +87,7 @@ def main() -> None:
     x_train = x_train.flatten(1).contiguous()
     x_test = x_test.flatten(1).contiguous()
     kernels = _sparse_kernels.load()
-    base_rss = rss("VmRSS")
+    base_rss = proc_status_bytes("VmRSS")
 
     t = time.perf_counter()
     model = build(args.width, args.fan_in, args.out_fan_in, args.seed)
@@ -143,7 +140,7 @@ def main() -> None:
         losses.append(loss)
         if step % 50 == 0 or due:
             print(f"step {step}/{total_steps} loss {statistics.fmean(losses[-50:]):.3f} "
-                  f"{'update ' if due else ''}{elapsed:.2f} s, peak RSS {rss('VmHWM') / 2**30:.2f} GiB", flush=True)
+                  f"{'update ' if due else ''}{elapsed:.2f} s, peak RSS {proc_status_bytes('VmHWM') / 2**30:.2f} GiB", flush=True)
     train_s = time.perf_counter() - started
     acc = accuracy(model, x_test, y_test, 1000)
     stats = dst.stats()
@@ -161,7 +158,7 @@ def main() -> None:
         "epochs": (len(calib) + step) * args.batch / len(x_train),
         "step_s_median": statistics.median(ordinary) if ordinary else None,
         "update_step_s_median": statistics.median(updates) if updates else None, "updates": stats["updates"],
-        "wall_s": train_s, "peak_rss_gib": rss("VmHWM") / 2**30, "baseline_rss_gib": base_rss / 2**30,
+        "wall_s": train_s, "peak_rss_gib": proc_status_bytes("VmHWM") / 2**30, "baseline_rss_gib": base_rss / 2**30,
         "final_train_loss": statistics.fmean(losses[-50:]), "test_accuracy": acc, "test_images": len(x_test),
         "itop_rate": stats["itop_rate"], "density": stats["density"],
     }
