@@ -22,7 +22,9 @@ def masked_twin(layer: SparseLinear) -> nn.Linear:
     return lin
 
 
-@pytest.mark.parametrize("shape,density,batch", [((37, 23), 0.15, 5), ((64, 200), 0.05, 130), ((20, 9), 1.0, 17)])
+# batches cover every kernel tile (128, 64, 16 lanes) and the scalar tail
+@pytest.mark.parametrize("shape,density,batch", [((37, 23), 0.15, 5), ((64, 200), 0.05, 130), ((20, 9), 1.0, 17),
+                                                 ((50, 70), 0.1, 200), ((3, 300), 0.02, 1)])
 def test_matches_masked_linear(route, shape, density, batch):
     torch.manual_seed(0)
     in_f, out_f = shape
@@ -39,6 +41,31 @@ def test_matches_masked_linear(route, shape, density, batch):
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.values.grad, lin.weight.grad[rows, cols], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.bias.grad, lin.bias.grad, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 60), cols=st.integers(1, 60), density=st.floats(0.01, 1.0),
+       batch=st.integers(1, 150), threads=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_fused_backward_equals_separate_passes(rows, cols, density, batch, threads, seed):
+    """The one-pass backward (input and weight gradients together) against the two passes it
+    replaces, on any shape, batch and thread count."""
+    kernels = _sparse_kernels.load()
+    if kernels is None:
+        pytest.skip(f"compiled kernels unavailable: {_sparse_kernels.unavailable_reason()}")
+    layer = SparseLinear(cols, rows, density, seed=seed, bias=False)
+    gen = torch.Generator().manual_seed(seed)
+    x_t, g_t = torch.randn(cols, batch, generator=gen), torch.randn(rows, batch, generator=gen)
+    topo = layer.topology()
+    ccol, row_t, perm = topo.csc()
+    w = layer.values.detach()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gx, dw = kernels.backward_fused(ccol, row_t, perm, w, g_t, x_t)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(gx, kernels.spmm_rows(ccol, row_t, w, perm, g_t, None), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, kernels.sddmm(topo.row, topo.col, g_t, x_t), atol=1e-5, rtol=1e-5)
 
 
 def test_gradcheck_float64(monkeypatch):

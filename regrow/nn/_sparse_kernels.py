@@ -1,6 +1,6 @@
 """Compiled CPU kernels for ``SparseLinear`` (values + indices, unstructured sparsity).
 
-Three loops do all the work of an always-sparse layer, each O(B * nnz) with nothing of size
+Four loops do all the work of an always-sparse layer, each O(B * nnz) with nothing of size
 out x in:
 
 * ``spmm_rows``: ``out[r, :] = bias[r] + sum_j w[j] * src[idx[j], :]`` over a CSR-like row
@@ -9,7 +9,10 @@ out x in:
   ([features, B]) so each non-zero is one contiguous B-wide multiply-add that the compiler
   holds in vector registers (the layout SparseProp also uses).
 * ``sddmm``: ``out[j] = <a[r[j], :], b[c[j], :]>``: the weight gradient of the active entries
-  (``a = grad_y^T``, ``b = x^T``), and GSE's gradients of sampled candidate pairs.
+  (``a = grad_y^T``, ``b = x^T``) when the input gradient is not wanted (a first layer), and
+  GSE's gradients of sampled candidate pairs.
+* ``spmm_bwd_fused``: both gradients in one pass over the CSC order, gathering each
+  ``grad_y`` row once for the input gradient and the weight gradient together.
 
 Two helpers for topology updates avoid sorting, which costs about 0.2 us per int64 element
 here (0.46 s for 2M keys on one thread): ``locate`` (position of flat keys, a binary search in the
@@ -40,19 +43,21 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 #define LD(p) (*(const v16 *)(p))
 #define ST(p, v) (*(v16 *)(p) = (v))
 
-/* Rows of src are gathered at random: prefetch the row PF non-zeros ahead, which turns the
-   gathers from latency-bound into bandwidth-bound once src outgrows the caches. */
+/* Rows of src are gathered at random: prefetch the row PF non-zeros ahead (across row ends:
+   the entries are contiguous, so the next row's first gathers are not left unprefetched),
+   which turns the gathers from latency-bound into bandwidth-bound once src outgrows the
+   caches. */
 #define PF 8
 
 /* One row of spmm over NV * 16 consecutive batch columns, accumulators in registers. */
 #define DEFINE_TILE(NV)                                                                         \
-static inline void tile##NV(int64_t s, int64_t e, const int32_t *idx, const float *w,           \
+static inline void tile##NV(int64_t s, int64_t e, int64_t lim, const int32_t *idx, const float *w,           \
                             const int32_t *wperm, const float *src, int64_t B, float b0,        \
                             float *o) {                                                         \
     v16 acc[NV];                                                                                \
     for (int u = 0; u < NV; ++u) acc[u] = (v16){0} + b0;                                        \
     for (int64_t j = s; j < e; ++j) {                                                           \
-        if (j + PF < e) {                                                                       \
+        if (j + PF < lim) {                                                                     \
             const float *nx = src + (int64_t)idx[j + PF] * B;                                   \
             for (int u = 0; u < NV; ++u) __builtin_prefetch(nx + 16 * u);                       \
         }                                                                                       \
@@ -75,9 +80,9 @@ void spmm_rows(int64_t n_rows, int64_t B, const int64_t *ptr, const int32_t *idx
         const float b0 = bias ? bias[r] : 0.0f;
         float *o = out + r * B;
         int64_t t = 0;
-        for (; t + 128 <= B; t += 128) tile8(s, e, idx, w, wperm, src + t, B, b0, o + t);
-        for (; t + 64 <= B; t += 64) tile4(s, e, idx, w, wperm, src + t, B, b0, o + t);
-        for (; t + 16 <= B; t += 16) tile1(s, e, idx, w, wperm, src + t, B, b0, o + t);
+        for (; t + 128 <= B; t += 128) tile8(s, e, ptr[n_rows], idx, w, wperm, src + t, B, b0, o + t);
+        for (; t + 64 <= B; t += 64) tile4(s, e, ptr[n_rows], idx, w, wperm, src + t, B, b0, o + t);
+        for (; t + 16 <= B; t += 16) tile1(s, e, ptr[n_rows], idx, w, wperm, src + t, B, b0, o + t);
         for (; t < B; ++t) {
             float acc = b0;
             for (int64_t j = s; j < e; ++j)
@@ -104,6 +109,70 @@ void sddmm(int64_t n, int64_t B, const int32_t *r, const int32_t *c, const float
         for (; t < B; ++t) s += x[t] * y[t];
         for (int u = 0; u < 16; ++u) s += acc[u];
         out[j] = s;
+    }
+}
+
+/* The backward of a layer with both gradients wanted, in one pass over the CSC order: for
+   input feature c and each entry p of its column (output row r = rowt[p]),
+       grad_x[c, :] += w[perm[p]] * grad_y[r, :]       and      dw[perm[p]] = <grad_y[r, :], x[c, :]>.
+   Each grad_y row is gathered once and used twice, where a transposed spmm plus an sddmm
+   would gather a random row twice per entry; the random gathers are what cost once the
+   activations outgrow the caches. x[c] and grad_x[c] stay in registers. */
+#define DEFINE_BWD_TILE(NV)                                                                     \
+static inline void bwd_tile##NV(int64_t s, int64_t e, int64_t lim, const int32_t *rowt, const int32_t *perm, \
+                                const float *w, const float *gy, int64_t B, const float *xc,    \
+                                float *gxc, float *dw, int first) {                             \
+    v16 xa[NV], acc[NV];                                                                        \
+    for (int u = 0; u < NV; ++u) { xa[u] = LD(xc + 16 * u); acc[u] = (v16){0}; }                \
+    for (int64_t p = s; p < e; ++p) {                                                           \
+        if (p + PF < lim) {                                                                     \
+            const float *ng = gy + (int64_t)rowt[p + PF] * B;                                   \
+            for (int u = 0; u < NV; ++u) __builtin_prefetch(ng + 16 * u);                       \
+        }                                                                                       \
+        const float *g = gy + (int64_t)rowt[p] * B;                                             \
+        const int32_t q = perm[p];                                                              \
+        const float wq = w[q];                                                                  \
+        v16 d = {0};                                                                            \
+        for (int u = 0; u < NV; ++u) {                                                          \
+            const v16 gv = LD(g + 16 * u);                                                      \
+            acc[u] += wq * gv;                                                                  \
+            d += gv * xa[u];                                                                    \
+        }                                                                                       \
+        float sd = 0.0f;                                                                        \
+        for (int u = 0; u < 16; ++u) sd += d[u];                                                \
+        dw[q] = first ? sd : dw[q] + sd;                                                        \
+    }                                                                                           \
+    for (int u = 0; u < NV; ++u) ST(gxc + 16 * u, acc[u]);                                      \
+}
+DEFINE_BWD_TILE(8)
+DEFINE_BWD_TILE(4)
+DEFINE_BWD_TILE(1)
+
+void spmm_bwd_fused(int64_t n_cols, int64_t B, const int64_t *ccol, const int32_t *rowt,
+                    const int32_t *perm, const float *w, const float *gy, const float *x,
+                    float *gx, float *dw, int nthreads) {
+    #pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
+    for (int64_t c = 0; c < n_cols; ++c) {
+        const int64_t s = ccol[c], e = ccol[c + 1];
+        const float *xc = x + c * B;
+        float *gxc = gx + c * B;
+        int64_t t = 0;
+        for (; t + 128 <= B; t += 128) bwd_tile8(s, e, ccol[n_cols], rowt, perm, w, gy + t, B, xc + t, gxc + t, dw, t == 0);
+        for (; t + 64 <= B; t += 64) bwd_tile4(s, e, ccol[n_cols], rowt, perm, w, gy + t, B, xc + t, gxc + t, dw, t == 0);
+        for (; t + 16 <= B; t += 16) bwd_tile1(s, e, ccol[n_cols], rowt, perm, w, gy + t, B, xc + t, gxc + t, dw, t == 0);
+        if (t < B) {
+            for (int64_t p = s; p < e; ++p) {
+                const float *g = gy + (int64_t)rowt[p] * B;
+                float sd = 0.0f;
+                for (int64_t u = t; u < B; ++u) sd += g[u] * xc[u];
+                dw[perm[p]] = t == 0 ? sd : dw[perm[p]] + sd;
+            }
+            for (int64_t u = t; u < B; ++u) {
+                float acc = 0.0f;
+                for (int64_t p = s; p < e; ++p) acc += w[perm[p]] * gy[(int64_t)rowt[p] * B + u];
+                gxc[u] = acc;
+            }
+        }
     }
 }
 
@@ -154,6 +223,9 @@ class SparseKernels:
         self._sddmm = lib.sddmm
         self._sddmm.argtypes = [i64, i64, p, p, p, p, p, cint]
         self._sddmm.restype = None
+        self._bwd = lib.spmm_bwd_fused
+        self._bwd.argtypes = [i64, i64, p, p, p, p, p, p, p, p, cint]
+        self._bwd.restype = None
         self._locate = lib.locate
         self._locate.argtypes = [i64, p, i64, i64, p, p, p, cint]
         self._locate.restype = None
@@ -184,6 +256,21 @@ class SparseKernels:
                         b.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
 
+    def backward_fused(self, ccol: torch.Tensor, row_t: torch.Tensor, perm: torch.Tensor,
+                       w: torch.Tensor, g_t: torch.Tensor, x_t: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both gradients of ``y^T = W x^T`` in one pass over the CSC structure (``ccol``,
+        ``row_t``, ``perm`` as built by ``_Topology.csc``): ``(grad_x^T [cols, B],
+        grad_w [N] in CSR order)`` from ``g_t = grad_y^T [rows, B]`` and ``x_t = x^T``."""
+        n_cols, batch = ccol.numel() - 1, g_t.shape[1]
+        gx = torch.empty(n_cols, batch, dtype=torch.float32)
+        dw = torch.zeros(w.numel(), dtype=torch.float32)
+        if n_cols and batch:
+            self._bwd(n_cols, batch, ccol.data_ptr(), row_t.data_ptr(), perm.data_ptr(), w.data_ptr(),
+                      g_t.data_ptr(), x_t.data_ptr(), gx.data_ptr(), dw.data_ptr(), torch.get_num_threads())
+        elif n_cols:
+            gx.zero_()
+        return gx, dw
 
     def locate(self, keys: torch.Tensor, cols: int, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         """int64 [len(keys)]: the storage position of each flat key ``row * cols + col`` in the

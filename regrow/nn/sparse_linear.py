@@ -150,13 +150,17 @@ class _SparseLinearFunction(torch.autograd.Function):
             ctx.capture.delta[ctx.call] = g_t
         kernels = _use_kernel(g_t, x_t, values)
         grad_x = grad_v = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if kernels is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            ccol, row_t, perm = topo.csc()
+            gx_t, grad_v = kernels.backward_fused(ccol, row_t, perm, values.contiguous(), g_t, x_t)
+            grad_x = gx_t.t()
+        elif ctx.needs_input_grad[0]:
             if kernels is not None:
                 ccol, row_t, perm = topo.csc()
                 grad_x = kernels.spmm_rows(ccol, row_t, values.contiguous(), perm, g_t, None).t()
             else:
                 grad_x = torch.sparse.mm(topo.csc_as_csr_tensor(values), g_t).t()
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and grad_v is None:
             grad_v = sampled_grad(topo.rows, topo.row, topo.col, x_t, g_t) if kernels is None \
                 else kernels.sddmm(topo.row, topo.col, g_t, x_t)
         if ctx.has_bias and ctx.needs_input_grad[2]:
