@@ -13,6 +13,7 @@ import torch
 
 from .backends.base import SparseTarget
 from .distributed import all_reduce_sum, global_rows
+from .sorted_keys import merge_sorted, sorted_uniform_draws, union_sorted
 
 SAMPLERS = ("uniform", "grabo", "graest")
 _MAX_ROUNDS = 8   # factorised draws that keep hitting the same few pairs stop after this
@@ -20,12 +21,15 @@ _MAX_ROUNDS = 8   # factorised draws that keep hitting the same few pairs stop a
 
 def _draw_until(target: SparseTarget, m: int, draw, rounds: int | None = None,
                 found: torch.Tensor | None = None) -> torch.Tensor:
-    """Distinct inactive flat indices from repeated calls of ``draw(n)`` added to ``found``
-    until there are at least m (or ``rounds`` draws were made).
+    """Distinct inactive flat indices from repeated calls of ``draw(n)`` (n keys, sorted,
+    repeats allowed) added to the sorted ``found`` until there are at least m (or ``rounds``
+    draws were made); returned sorted.
 
     Each draw is sized by the acceptance rate seen so far, so when most of the remaining
     candidates are already found (a subset close to the whole inactive set) the number of
-    rounds stays small instead of crawling through the coupon-collector tail.
+    rounds stays small instead of crawling through the coupon-collector tail. Sorted draws
+    make every step linear: repeats are neighbours, the activity lookups walk the layer's
+    index in order, and merging into ``found`` needs no sort.
     """
     if found is None:
         found = torch.empty(0, dtype=torch.long, device=target.device)
@@ -34,10 +38,10 @@ def _draw_until(target: SparseTarget, m: int, draw, rounds: int | None = None,
         attempt += 1
         need = m - found.numel()
         n = min(math.ceil(need * 1.25 / rate) + 16, 4 * target.numel + 16)
-        flat = draw(n)
+        flat = torch.unique_consecutive(draw(n))
         flat = flat[~target.is_active(flat)]
         before = found.numel()
-        found = torch.unique(torch.cat([found, flat]))
+        found = union_sorted(found, flat)
         rate = max((found.numel() - before) / n, 1e-4)
     return found
 
@@ -56,7 +60,7 @@ def _subsample(flat: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor
 def uniform_inactive(target: SparseTarget, m: int, gen: torch.Generator,
                      exclude: torch.Tensor | None = None) -> torch.Tensor:
     """m distinct inactive connections, uniformly at random, none of them in ``exclude``
-    (a sorted index tensor); fewer if fewer are available."""
+    (a sorted, duplicate-free index tensor); fewer if fewer are available."""
     excluded = 0 if exclude is None else exclude.numel()
     available = target.numel - target.nnz - excluded
     m = min(m, available)
@@ -73,7 +77,7 @@ def uniform_inactive(target: SparseTarget, m: int, gen: torch.Generator,
             pass
 
     def draw(n: int) -> torch.Tensor:
-        return torch.randint(target.numel, (n,), generator=gen).to(target.device)
+        return sorted_uniform_draws(target.rows, target.cols, n, gen).to(target.device)
     found = _draw_until(target, m + excluded, draw, found=exclude)
     if exclude is not None:
         found = found[~torch.isin(found, exclude)]
@@ -95,13 +99,13 @@ def _factorised(target: SparseTarget, m: int, gen: torch.Generator,
     def draw(n: int) -> torch.Tensor:
         r = torch.multinomial(rw, n, replacement=True, generator=gen)
         c = torch.multinomial(cw, n, replacement=True, generator=gen)
-        return (r * target.cols + c).to(target.device)
+        return (r * target.cols + c).sort().values.to(target.device)
 
     found = _draw_until(target, m, draw, rounds=_MAX_ROUNDS)
     if found.numel() < m:
         # the marginals put their mass on too few pairs: top up uniformly (documented choice)
         extra = uniform_inactive(target, m - found.numel(), gen, exclude=found)
-        found = torch.unique(torch.cat([found, extra]))
+        found = merge_sorted(found, extra)   # disjoint: extra excludes found
     return _subsample(found, m, gen)
 
 

@@ -17,9 +17,10 @@ def largest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.arange(n, device=scores.device)
     kth = torch.topk(scores, k, sorted=False).values.min()
-    above = (scores > kth).nonzero().squeeze(1)
-    ties = (scores == kth).nonzero().squeeze(1)[: k - above.numel()]
-    return torch.cat([above, ties]).sort().values
+    chosen = scores > kth
+    ties = (scores == kth).nonzero().squeeze(1)[: k - int(chosen.sum())]
+    chosen[ties] = True
+    return chosen.nonzero().squeeze(1)   # ascending, without a sort of the k positions
 
 
 def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:

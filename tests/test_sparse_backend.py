@@ -15,7 +15,7 @@ from torch import nn
 
 import regrow
 from regrow.backends.masked import MaskedTarget
-from regrow.backends.sparse import SparseLinearTarget, merge_sorted
+from regrow.backends.sparse import SparseLinearTarget
 from regrow.methods import UpdateContext, make_method
 from regrow.nn.sparse_linear import SparseLinear
 from regrow.nn.sparsify import sparsify
@@ -83,14 +83,6 @@ def test_dense_mask_is_refused_for_huge_layers():
 
 
 # -- rewiring --------------------------------------------------------------------------------
-@settings(max_examples=50, deadline=None)
-@given(st.sets(st.integers(0, 10**12), max_size=60), st.sets(st.integers(0, 10**12), max_size=60))
-def test_merge_sorted_is_the_sorted_union(a, b):
-    b = b - a
-    merged = merge_sorted(torch.tensor(sorted(a), dtype=torch.long), torch.tensor(sorted(b), dtype=torch.long))
-    assert merged.tolist() == sorted(a | b)
-
-
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_rewire_keeps_state_of_kept_entries_and_zeroes_grown(opt_name):
     torch.manual_seed(1)

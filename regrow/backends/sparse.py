@@ -26,6 +26,7 @@ import torch
 from ..distributed import all_reduce_mean
 from ..nn import _sparse_kernels
 from ..optim_state import OptimizerStateMasker
+from ..sorted_keys import merge_positions, merge_sorted
 from .base import SparseTarget
 
 #: ``mask`` (a dense bool tensor) is refused above this many entries
@@ -36,28 +37,6 @@ _ENUMERATE_FACTOR = 4
 
 def _is_sorted(x: torch.Tensor) -> bool:
     return x.numel() < 2 or bool((x[1:] >= x[:-1]).all())
-
-
-def merge_positions(kept: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the entries of two sorted, disjoint key vectors land in their sorted union.
-
-    Returns ``(kept_dst, new_dst)``: a new entry's position is its own index plus the number of
-    kept entries below it (binary searches); the kept entries fill the other positions in order.
-    O(len(kept) + len(new) log len(kept)), no sort.
-    """
-    new_dst = torch.arange(new.numel(), device=new.device) + torch.searchsorted(kept, new)
-    is_kept = torch.ones(kept.numel() + new.numel(), dtype=torch.bool, device=kept.device)
-    is_kept[new_dst] = False
-    return is_kept.nonzero().squeeze(1), new_dst
-
-
-def merge_sorted(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """The sorted union of two sorted, disjoint int64 key vectors."""
-    kept_dst, new_dst = merge_positions(kept, new)
-    merged = torch.empty(kept.numel() + new.numel(), dtype=kept.dtype, device=kept.device)
-    merged[kept_dst] = kept
-    merged[new_dst] = new
-    return merged
 
 
 class _Plan:
