@@ -13,7 +13,7 @@ Each (variant, width) runs in its own subprocess, so its peak RSS (``VmHWM``) is
 double from 1000 up to 256000, variants interleaved width by width. A variant stops at the first
 width whose peak RSS, predicted from its last two widths, exceeds ``--mem-cap-gib``, or after a
 width whose ordinary step took longer than ``--max-step-s``. Step time: median of the ordinary
-steps (after a warm-up step, as many as fit in ``--seconds``, at least 3); one update step
+steps (after a warm-up step, as many as fit in ``--seconds``, 3 to 100); one update step
 (topology update of the DST variants) is timed separately, and ``amortised`` is the time per
 step with one update every 100 steps (the default update interval). The log-log slopes of
 time and memory against width are least-squares fits over all measured widths and over those
@@ -88,7 +88,7 @@ def worker(variant: str, width: int, seconds: float, threads: int) -> dict:
     # warm-up (first touches of memory, lazy index structures), then as many ordinary steps as
     # fit in about `seconds` (at least 3), then one topology update step
     warm = step(opt.step)
-    every = 2 + max(3, min(20, int(seconds / max(warm, 1e-3))))
+    every = 2 + max(3, min(100, int(seconds / max(warm, 1e-3))))
     dst = None
     nnz_sparse = FAN_IN * (2 * width + CLASSES)
     if variant == "sparse_gse":

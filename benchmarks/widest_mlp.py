@@ -11,8 +11,8 @@ count for the schedules (update timing, drop fraction, learning rate) is planned
 budget, and training stops when the budget is used. Reports peak RSS, median time of an
 ordinary step and of an update step, samples seen and test accuracy.
 
-    python benchmarks/widest_mlp.py --minutes 60    # the demo (about an hour) -> results/widest_mlp.json
-    python benchmarks/widest_mlp.py --quick         # 1M wide, ~3 minutes, 2k test images -> widest_mlp_quick.json
+    python benchmarks/widest_mlp.py --minutes 60    # the demo (about an hour) -> results/widest_mlp_2threads.json
+    python benchmarks/widest_mlp.py --quick         # 1M wide, ~3 minutes, 2k test images -> widest_mlp_quick_2threads.json
 """
 from __future__ import annotations
 
@@ -168,7 +168,8 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / ("widest_mlp_quick.json" if args.quick else "widest_mlp.json")
+    threads = f"{args.threads}thread" + ("s" if args.threads != 1 else "")
+    path = RESULTS / f"widest_mlp{'_quick' if args.quick else ''}_{threads}.json"   # one file per thread count
     path.write_text(json.dumps(result, indent=1))
     print(f"\n{args.width:,}-wide hidden layer, {stats['nnz']:,} active weights "
           f"(dense: {result['dense_weights_would_be']:,}); {result['steps']} steps, "
