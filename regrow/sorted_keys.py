@@ -31,12 +31,17 @@ def merge_sorted(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return merged
 
 
+def contains(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Whether each query is in the sorted, non-empty ``keys`` (binary searches)."""
+    pos = torch.searchsorted(keys, queries).clamp_(max=keys.numel() - 1)
+    return keys[pos] == queries
+
+
 def union_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The sorted union of two sorted, duplicate-free key vectors that may overlap."""
     if a.numel() == 0 or b.numel() == 0:
         return b if a.numel() == 0 else a
-    pos = torch.searchsorted(a, b).clamp_(max=a.numel() - 1)
-    return merge_sorted(a, b[a[pos] != b])
+    return merge_sorted(a, b[~contains(a, b)])
 
 
 def sorted_uniform_draws(rows: int, cols: int, n: int, gen: torch.Generator) -> torch.Tensor:

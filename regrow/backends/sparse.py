@@ -26,7 +26,7 @@ import torch
 from ..distributed import all_reduce_mean
 from ..nn import _sparse_kernels
 from ..optim_state import OptimizerStateMasker
-from ..sorted_keys import merge_positions, merge_sorted
+from ..sorted_keys import contains, merge_positions, union_sorted
 from .base import SparseTarget
 
 #: ``mask`` (a dense bool tensor) is refused above this many entries
@@ -113,9 +113,9 @@ class SparseLinearTarget(SparseTarget):
             # random-order queries once the keys outgrow the cache (PERF-NOTES)
             sorted_flat, order = flat.sort()
             out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-            out[order] = self._lookup(keys, sorted_flat)
+            out[order] = contains(keys, sorted_flat)
             return out
-        return self._lookup(keys, flat)
+        return contains(keys, flat)
 
     def _locate(self, flat: torch.Tensor) -> torch.Tensor | None:
         """Storage positions of flat keys (-1 if inactive) by the compiled kernel, else None."""
@@ -124,11 +124,6 @@ class SparseLinearTarget(SparseTarget):
         # binary search inside each query's row segment: no sorting of queries, no key array
         topo = self.layer.topology()
         return kernels.locate(flat.reshape(-1).to(torch.long), self.cols, topo.crow, topo.col)
-
-    @staticmethod
-    def _lookup(keys: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        pos = torch.searchsorted(keys, flat).clamp_(max=keys.numel() - 1)
-        return keys[pos] == flat
 
     def inactive_indices(self) -> torch.Tensor:
         # only for layers so dense that the grid is O(N) anyway (rejection sampling would crawl)
@@ -231,16 +226,7 @@ class SparseLinearTarget(SparseTarget):
             else:
                 param.grad = new_grad
         self._keys = None
-        self._add_ever(grow)
-
-    def _add_ever(self, grow: torch.Tensor) -> None:
-        if grow.numel() == 0:
-            return
-        ever = self._ever
-        if ever.numel():
-            pos = torch.searchsorted(ever, grow).clamp_(max=ever.numel() - 1)
-            grow = grow[ever[pos] != grow]
-        self._ever = merge_sorted(ever, grow)
+        self._ever = union_sorted(self._ever, grow)   # grow is sorted and distinct (checked above)
 
     def state_dict(self) -> dict:
         return {"ever_active": self._ever.clone()}

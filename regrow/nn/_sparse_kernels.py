@@ -49,6 +49,13 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
    caches. */
 #define PF 8
 
+/* Batch columns t.. in tiles of 128, 64 and 16 lanes (the widths instantiated below):
+   CALL(NV) handles columns [t, t + 16 * NV); the caller finishes the scalar tail t..B. */
+#define FOR_BATCH_TILES(t, B, CALL)                                                             \
+    for (; t + 128 <= B; t += 128) CALL(8);                                                     \
+    for (; t + 64 <= B; t += 64) CALL(4);                                                       \
+    for (; t + 16 <= B; t += 16) CALL(1);
+
 /* One row of spmm over NV * 16 consecutive batch columns, accumulators in registers. */
 #define DEFINE_TILE(NV)                                                                         \
 static inline void tile##NV(int64_t s, int64_t e, int64_t lim, const int32_t *idx, const float *w,           \
@@ -80,9 +87,9 @@ void spmm_rows(int64_t n_rows, int64_t B, const int64_t *ptr, const int32_t *idx
         const float b0 = bias ? bias[r] : 0.0f;
         float *o = out + r * B;
         int64_t t = 0;
-        for (; t + 128 <= B; t += 128) tile8(s, e, ptr[n_rows], idx, w, wperm, src + t, B, b0, o + t);
-        for (; t + 64 <= B; t += 64) tile4(s, e, ptr[n_rows], idx, w, wperm, src + t, B, b0, o + t);
-        for (; t + 16 <= B; t += 16) tile1(s, e, ptr[n_rows], idx, w, wperm, src + t, B, b0, o + t);
+        #define ROW_TILE(NV) tile##NV(s, e, ptr[n_rows], idx, w, wperm, src + t, B, b0, o + t)
+        FOR_BATCH_TILES(t, B, ROW_TILE)
+        #undef ROW_TILE
         for (; t < B; ++t) {
             float acc = b0;
             for (int64_t j = s; j < e; ++j)
@@ -157,9 +164,9 @@ void spmm_bwd_fused(int64_t n_cols, int64_t B, const int64_t *ccol, const int32_
         const float *xc = x + c * B;
         float *gxc = gx + c * B;
         int64_t t = 0;
-        for (; t + 128 <= B; t += 128) bwd_tile8(s, e, ccol[n_cols], rowt, perm, w, gy + t, B, xc + t, gxc + t, dw, t == 0);
-        for (; t + 64 <= B; t += 64) bwd_tile4(s, e, ccol[n_cols], rowt, perm, w, gy + t, B, xc + t, gxc + t, dw, t == 0);
-        for (; t + 16 <= B; t += 16) bwd_tile1(s, e, ccol[n_cols], rowt, perm, w, gy + t, B, xc + t, gxc + t, dw, t == 0);
+        #define COL_TILE(NV) bwd_tile##NV(s, e, ccol[n_cols], rowt, perm, w, gy + t, B, xc + t, gxc + t, dw, t == 0)
+        FOR_BATCH_TILES(t, B, COL_TILE)
+        #undef COL_TILE
         if (t < B) {
             for (int64_t p = s; p < e; ++p) {
                 const float *g = gy + (int64_t)rowt[p] * B;
@@ -264,12 +271,13 @@ class SparseKernels:
         grad_w [N] in CSR order)`` from ``g_t = grad_y^T [rows, B]`` and ``x_t = x^T``."""
         n_cols, batch = ccol.numel() - 1, g_t.shape[1]
         gx = torch.empty(n_cols, batch, dtype=torch.float32)
-        dw = torch.zeros(w.numel(), dtype=torch.float32)
-        if n_cols and batch:
+        dw = torch.empty(w.numel(), dtype=torch.float32)
+        if n_cols and batch:   # writes every entry of both (each entry lies in one column)
             self._bwd(n_cols, batch, ccol.data_ptr(), row_t.data_ptr(), perm.data_ptr(), w.data_ptr(),
                       g_t.data_ptr(), x_t.data_ptr(), gx.data_ptr(), dw.data_ptr(), torch.get_num_threads())
-        elif n_cols:
+        else:
             gx.zero_()
+            dw.zero_()
         return gx, dw
 
     def locate(self, keys: torch.Tensor, cols: int, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
