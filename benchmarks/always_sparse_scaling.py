@@ -146,10 +146,13 @@ def main() -> None:
     max_width = 8000 if args.quick else args.max_width
     widths = [1000 * 2 ** k for k in range(20) if 1000 * 2 ** k <= max_width]
     cap = args.mem_cap_gib * 2**30
+    # torch's CPU allocator asks for transparent huge pages on large tensors: the kernels' random
+    # gathers then miss the TLB far less (5-20% faster at 256k); every variant gets the same
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")
     info = {"cpu": platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
             "loadavg_start": os.getloadavg(), "mem_cap_gib": args.mem_cap_gib, "max_step_s": args.max_step_s,
-            "batch": BATCH, "fan_in": FAN_IN}
+            "batch": BATCH, "fan_in": FAN_IN, "THP_MEM_ALLOC_ENABLE": thp}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -171,7 +174,8 @@ def main() -> None:
                     continue
             cmd = [sys.executable, __file__, "--worker", variant, str(width), "--seconds", str(seconds),
                    "--threads", str(args.threads)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                       THP_MEM_ALLOC_ENABLE=thp)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 stopped[variant] = f"width {width}: worker failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}"

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from regrow.nn import _sparse_kernels
-from regrow.nn.sparse_linear import SparseLinear, _even_counts, constant_fan_in
+from regrow.nn import _sparse_kernels, sparse_linear
+from regrow.nn.sparse_linear import SparseLinear, _even_counts, constant_fan_in, panel_split
 from regrow.nn.sparsify import sparse_mlp, sparsify
 
 
@@ -66,6 +66,87 @@ def test_fused_backward_equals_separate_passes(rows, cols, density, batch, threa
         torch.set_num_threads(before)
     torch.testing.assert_close(gx, kernels.spmm_rows(ccol, row_t, w, perm, g_t, None), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dw, kernels.sddmm(topo.row, topo.col, g_t, x_t), atol=1e-5, rtol=1e-5)
+
+
+def panelled_and_single(rows, cols, density, batch, panel_bytes, threads, input_grad_only, seed):
+    """(outputs and gradients with one panel, the same with panels of ``panel_bytes``,
+    panel counts of the forward and of the input gradient)."""
+    if _sparse_kernels.load() is None:
+        pytest.skip(f"compiled kernels unavailable: {_sparse_kernels.unavailable_reason()}")
+    gen = torch.Generator().manual_seed(seed)
+    x0, g = torch.randn(batch, cols, generator=gen), torch.randn(batch, rows, generator=gen)
+
+    def run(panel_bytes: int):
+        layer = SparseLinear(cols, rows, density, seed=seed)
+        layer.values.requires_grad_(not input_grad_only)
+        x = x0.clone().requires_grad_()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sparse_linear, "_PANEL_BYTES", panel_bytes)
+            mp.setattr(sparse_linear, "_MIN_PER_PANEL", 1)
+            y = layer(x)
+            y.backward(g)
+            counts = (panel_split(cols, batch, layer.nnz, rows)[0], panel_split(rows, batch, layer.nnz, cols)[0])
+        return (y, x.grad, layer.values.grad, layer.bias.grad), counts
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref, _ = run(1 << 40)
+        got, counts = run(panel_bytes)
+    finally:
+        torch.set_num_threads(before)
+    return ref, got, counts
+
+
+def assert_all_equal(ref, got):
+    for a, b in zip(ref, got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 80), cols=st.integers(1, 80), density=st.floats(0.02, 1.0),
+       batch=st.integers(1, 150), panel_bytes=st.integers(4, 4096), threads=st.sampled_from([1, 2]),
+       input_grad_only=st.booleans(), seed=st.integers(0, 99))
+def test_panels_change_nothing(rows, cols, density, batch, panel_bytes, threads, input_grad_only, seed):
+    """Gathering one panel at a time (the large-width route) gives the output and both
+    gradients bit for bit, whatever the number of panels: a row's entries keep their order."""
+    ref, got, _ = panelled_and_single(rows, cols, density, batch, panel_bytes, threads, input_grad_only, seed)
+    assert_all_equal(ref, got)
+
+
+@pytest.mark.parametrize("batch,input_grad_only", [(128, False), (37, True), (5, False)])
+def test_panels_are_used_when_rows_outgrow_a_panel(batch, input_grad_only):
+    ref, got, (n_fwd, n_bwd) = panelled_and_single(90, 120, 0.3, batch, 16 * 4 * batch, 2, input_grad_only, 1)
+    assert n_fwd == 8 and n_bwd == 6
+    assert_all_equal(ref, got)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(0, 3000), seed=st.integers(0, 99), dtype=st.sampled_from([torch.float32, torch.int32]))
+def test_permute_matches_indexing(n, seed, dtype):
+    kernels = _sparse_kernels.load()
+    if kernels is None:
+        pytest.skip(f"compiled kernels unavailable: {_sparse_kernels.unavailable_reason()}")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen).to(torch.int32)
+    src = torch.randn(n, generator=gen) if dtype == torch.float32 else torch.randint(-2**31, 2**31 - 1, (n,), generator=gen, dtype=torch.int32)
+    assert torch.equal(kernels.permute(src, perm), src[perm.long()])
+    back = kernels.permute(kernels.permute(src, perm), perm, inverse=True)
+    assert torch.equal(back, src)
+    with pytest.raises(ValueError):
+        kernels.permute(src.double(), perm)
+
+
+def test_panel_split():
+    assert panel_split(1000, 128, 64_000, 1000) == (1, 1000)            # fits one panel
+    n, panel = panel_split(262_144, 128, 64 * 262_144, 262_144)          # 128 MB of rows, 8 MB panels
+    assert (n, panel) == (16, 16_384)
+    assert panel_split(262_144, 100, 64 * 262_144, 262_144) == (16, 16_384)   # same panels for B in (64, 128]
+    n, panel = panel_split(1 << 20, 128, 64 << 20, 1 << 20)             # capped: >= 4 entries per row and panel
+    assert n == 16 and n * panel >= 1 << 20 and (n - 1) * panel < 1 << 20
+    assert panel_split(1 << 20, 128, 3 << 20, 1 << 20) == (1, 1 << 20)  # too few entries per row for panels
 
 
 def test_gradcheck_float64(monkeypatch):

@@ -1,6 +1,6 @@
 """Compiled CPU kernels for ``SparseLinear`` (values + indices, unstructured sparsity).
 
-Four loops do all the work of an always-sparse layer, each O(B * nnz) with nothing of size
+Three loops do the work of an always-sparse layer, each O(B * nnz) with nothing of size
 out x in:
 
 * ``spmm_rows``: ``out[r, :] = bias[r] + sum_j w[j] * src[idx[j], :]`` over a CSR-like row
@@ -13,6 +13,15 @@ out x in:
   GSE's gradients of sampled candidate pairs.
 * ``spmm_bwd_fused``: both gradients in one pass over the CSC order, gathering each
   ``grad_y`` row once for the input gradient and the weight gradient together.
+
+Wide layers gather by panels: once the gathered activations outgrow the caches (width 16k
+and up at batch 128), every random row gather is a DRAM read. ``spmm_rows`` and
+``spmm_bwd_fused`` then take their entries in panel-major order (``panel_order``, a counting
+sort): one panel of gathered rows at a time, small enough to stay in the last-level cache,
+with each output row's partial sum streamed through memory between panels. The sums are the
+same to the bit. At width 256k this halved the forward's time per weight here, and with
+``gather32`` / ``scatter32`` moving the backward's values and weight gradients into
+and out of the panel order in loops of their own, cut the backward's by a third.
 
 Two helpers for topology updates avoid sorting, which costs about 0.2 us per int64 element
 here (0.46 s for 2M keys on one thread): ``locate`` (position of flat keys, a binary search in the
@@ -38,6 +47,7 @@ from . import _cbuild
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 #define LD(p) (*(const v16 *)(p))
@@ -48,6 +58,7 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
    which turns the gathers from latency-bound into bandwidth-bound once src outgrows the
    caches. */
 #define PF 8
+#define PFW 32
 
 /* Batch columns t.. in tiles of 128, 64 and 16 lanes (the widths instantiated below):
    CALL(NV) handles columns [t, t + 16 * NV); the caller finishes the scalar tail t..B. */
@@ -56,13 +67,14 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
     for (; t + 64 <= B; t += 64) CALL(4);                                                       \
     for (; t + 16 <= B; t += 16) CALL(1);
 
-/* One row of spmm over NV * 16 consecutive batch columns, accumulators in registers. */
+/* One row of spmm over NV * 16 consecutive batch columns, accumulators in registers; with
+   `acc_out` the row continues the sum already in o (a later panel, see spmm_rows). */
 #define DEFINE_TILE(NV)                                                                         \
 static inline void tile##NV(int64_t s, int64_t e, int64_t lim, const int32_t *idx, const float *w,           \
                             const int32_t *wperm, const float *src, int64_t B, float b0,        \
-                            float *o) {                                                         \
+                            float *o, int acc_out) {                                            \
     v16 acc[NV];                                                                                \
-    for (int u = 0; u < NV; ++u) acc[u] = (v16){0} + b0;                                        \
+    for (int u = 0; u < NV; ++u) acc[u] = acc_out ? LD(o + 16 * u) : (v16){0} + b0;             \
     for (int64_t j = s; j < e; ++j) {                                                           \
         if (j + PF < lim) {                                                                     \
             const float *nx = src + (int64_t)idx[j + PF] * B;                                   \
@@ -78,23 +90,37 @@ DEFINE_TILE(8)
 DEFINE_TILE(4)
 DEFINE_TILE(1)
 
-void spmm_rows(int64_t n_rows, int64_t B, const int64_t *ptr, const int32_t *idx,
+/* Panels: once src outgrows the caches every gather is a DRAM read of a whole B-wide row.
+   The caller may split the gathered index range into n_panels consecutive panels (small
+   enough to stay in the last-level cache) with the entries stored panel-major: ptr then
+   has n_panels * n_rows + 1 entries, panel k's part of row r being ptr[k * n_rows + r] ..
+   ptr[k * n_rows + r + 1]. Panel 0 writes every row; a later panel adds to the rows it has
+   entries in. Within a row the entries keep their order, so the sum is the same to the bit
+   as with one panel; only the row's partial sum travels through memory between panels,
+   a streaming read and write instead of random DRAM gathers. */
+void spmm_rows(int64_t n_rows, int64_t n_panels, int64_t B, const int64_t *ptr, const int32_t *idx,
                const float *w, const int32_t *wperm, const float *src, const float *bias,
                float *out, int nthreads) {
-    #pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
-    for (int64_t r = 0; r < n_rows; ++r) {
-        const int64_t s = ptr[r], e = ptr[r + 1];
-        const float b0 = bias ? bias[r] : 0.0f;
-        float *o = out + r * B;
-        int64_t t = 0;
-        #define ROW_TILE(NV) tile##NV(s, e, ptr[n_rows], idx, w, wperm, src + t, B, b0, o + t)
-        FOR_BATCH_TILES(t, B, ROW_TILE)
-        #undef ROW_TILE
-        for (; t < B; ++t) {
-            float acc = b0;
-            for (int64_t j = s; j < e; ++j)
-                acc += (wperm ? w[wperm[j]] : w[j]) * src[(int64_t)idx[j] * B + t];
-            o[t] = acc;
+    const int64_t lim = ptr[n_panels * n_rows];
+    #pragma omp parallel num_threads(nthreads)
+    for (int64_t k = 0; k < n_panels; ++k) {
+        #pragma omp for schedule(dynamic, 32)
+        for (int64_t r = 0; r < n_rows; ++r) {
+            const int64_t s = ptr[k * n_rows + r], e = ptr[k * n_rows + r + 1];
+            const int acc_out = k > 0;
+            if (acc_out && s == e) continue;
+            const float b0 = bias ? bias[r] : 0.0f;
+            float *o = out + r * B;
+            int64_t t = 0;
+            #define ROW_TILE(NV) tile##NV(s, e, lim, idx, w, wperm, src + t, B, b0, o + t, acc_out)
+            FOR_BATCH_TILES(t, B, ROW_TILE)
+            #undef ROW_TILE
+            for (; t < B; ++t) {
+                float acc = acc_out ? o[t] : b0;
+                for (int64_t j = s; j < e; ++j)   /* explicit fma: the same rounding however the loop is compiled */
+                    acc = __builtin_fmaf(wperm ? w[wperm[j]] : w[j], src[(int64_t)idx[j] * B + t], acc);
+                o[t] = acc;
+            }
         }
     }
 }
@@ -128,16 +154,23 @@ void sddmm(int64_t n, int64_t B, const int32_t *r, const int32_t *c, const float
 #define DEFINE_BWD_TILE(NV)                                                                     \
 static inline void bwd_tile##NV(int64_t s, int64_t e, int64_t lim, const int32_t *rowt, const int32_t *perm, \
                                 const float *w, const float *gy, int64_t B, const float *xc,    \
-                                float *gxc, float *dw, int first) {                             \
+                                float *gxc, float *dw, int first, int acc_out) {                \
     v16 xa[NV], acc[NV];                                                                        \
-    for (int u = 0; u < NV; ++u) { xa[u] = LD(xc + 16 * u); acc[u] = (v16){0}; }                \
+    for (int u = 0; u < NV; ++u) {                                                              \
+        xa[u] = LD(xc + 16 * u);                                                                \
+        acc[u] = acc_out ? LD(gxc + 16 * u) : (v16){0};                                         \
+    }                                                                                           \
     for (int64_t p = s; p < e; ++p) {                                                           \
         if (p + PF < lim) {                                                                     \
             const float *ng = gy + (int64_t)rowt[p + PF] * B;                                   \
             for (int u = 0; u < NV; ++u) __builtin_prefetch(ng + 16 * u);                       \
         }                                                                                       \
+        if (perm && p + PFW < lim) {                                                            \
+            __builtin_prefetch(w + perm[p + PFW]);                                              \
+            __builtin_prefetch(dw + perm[p + PFW], 1);                                          \
+        }                                                                                       \
         const float *g = gy + (int64_t)rowt[p] * B;                                             \
-        const int32_t q = perm[p];                                                              \
+        const int64_t q = perm ? perm[p] : p;                                                   \
         const float wq = w[q];                                                                  \
         v16 d = {0};                                                                            \
         for (int u = 0; u < NV; ++u) {                                                          \
@@ -155,29 +188,42 @@ DEFINE_BWD_TILE(8)
 DEFINE_BWD_TILE(4)
 DEFINE_BWD_TILE(1)
 
-void spmm_bwd_fused(int64_t n_cols, int64_t B, const int64_t *ccol, const int32_t *rowt,
+/* Panels over the gathered grad_y rows as in spmm_rows (ccol has n_panels * n_cols + 1
+   entries); each entry lies in one panel, so dw is written once per batch tile. */
+void spmm_bwd_fused(int64_t n_cols, int64_t n_panels, int64_t B, const int64_t *ccol, const int32_t *rowt,
                     const int32_t *perm, const float *w, const float *gy, const float *x,
                     float *gx, float *dw, int nthreads) {
-    #pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
-    for (int64_t c = 0; c < n_cols; ++c) {
-        const int64_t s = ccol[c], e = ccol[c + 1];
-        const float *xc = x + c * B;
-        float *gxc = gx + c * B;
-        int64_t t = 0;
-        #define COL_TILE(NV) bwd_tile##NV(s, e, ccol[n_cols], rowt, perm, w, gy + t, B, xc + t, gxc + t, dw, t == 0)
-        FOR_BATCH_TILES(t, B, COL_TILE)
-        #undef COL_TILE
-        if (t < B) {
-            for (int64_t p = s; p < e; ++p) {
-                const float *g = gy + (int64_t)rowt[p] * B;
-                float sd = 0.0f;
-                for (int64_t u = t; u < B; ++u) sd += g[u] * xc[u];
-                dw[perm[p]] = t == 0 ? sd : dw[perm[p]] + sd;
+    const int64_t lim = ccol[n_panels * n_cols];
+    #pragma omp parallel num_threads(nthreads)
+    for (int64_t k = 0; k < n_panels; ++k) {
+        #pragma omp for schedule(dynamic, 32)
+        for (int64_t c = 0; c < n_cols; ++c) {
+            const int64_t s = ccol[k * n_cols + c], e = ccol[k * n_cols + c + 1];
+            const int acc_out = k > 0;
+            float *gxc = gx + c * B;
+            if (s == e) {   /* nothing to add, and x[c] need not be read (most columns of a narrow next layer) */
+                if (!acc_out) memset(gxc, 0, B * sizeof(float));
+                continue;
             }
-            for (int64_t u = t; u < B; ++u) {
-                float acc = 0.0f;
-                for (int64_t p = s; p < e; ++p) acc += w[perm[p]] * gy[(int64_t)rowt[p] * B + u];
-                gxc[u] = acc;
+            const float *xc = x + c * B;
+            int64_t t = 0;
+            #define COL_TILE(NV) bwd_tile##NV(s, e, lim, rowt, perm, w, gy + t, B, xc + t, gxc + t, dw, t == 0, acc_out)
+            FOR_BATCH_TILES(t, B, COL_TILE)
+            #undef COL_TILE
+            if (t < B) {
+                for (int64_t p = s; p < e; ++p) {
+                    const float *g = gy + (int64_t)rowt[p] * B;
+                    const int64_t q = perm ? perm[p] : p;
+                    float sd = 0.0f;
+                    for (int64_t u = t; u < B; ++u) sd += g[u] * xc[u];
+                    dw[q] = t == 0 ? sd : dw[q] + sd;
+                }
+                for (int64_t u = t; u < B; ++u) {
+                    float acc = acc_out ? gxc[u] : 0.0f;
+                    for (int64_t p = s; p < e; ++p)
+                        acc = __builtin_fmaf(w[perm ? perm[p] : p], gy[(int64_t)rowt[p] * B + u], acc);
+                    gxc[u] = acc;
+                }
             }
         }
     }
@@ -211,6 +257,41 @@ void locate(int64_t n, const int64_t *key, int64_t cols, int64_t rows, const int
 void csc_perm(int64_t n, const int32_t *col, int64_t *next, int32_t *perm) {
     for (int64_t j = 0; j < n; ++j) perm[next[col[j]]++] = (int32_t)j;
 }
+
+/* dst[j] = src[perm[j]] and dst[perm[j]] = src[j] for 4-byte elements (float32 or int32),
+   prefetching ahead: random single-element reads and writes in a loop of their own keep
+   many cache misses in flight (torch's indexing ran at 23-47 ns per element here). */
+void gather32(int64_t n, const int32_t *perm, const uint32_t *src, uint32_t *dst) {
+    for (int64_t j = 0; j < n; ++j) {
+        if (j + 32 < n) __builtin_prefetch(src + perm[j + 32]);
+        dst[j] = src[perm[j]];
+    }
+}
+void scatter32(int64_t n, const int32_t *perm, const uint32_t *src, uint32_t *dst) {
+    for (int64_t j = 0; j < n; ++j) {
+        if (j + 32 < n) __builtin_prefetch(dst + perm[j + 32], 1);
+        dst[perm[j]] = src[j];
+    }
+}
+
+/* Panel-major order of a row-compressed structure (ptr [n_rows + 1], idx sorted within each
+   row): the entries with idx in panel k = [k * P, (k + 1) * P) come before those of panel
+   k + 1, rows in order inside a panel, and a row's entries keep their order. Writes
+   pptr [n_panels * n_rows + 1] (see spmm_rows) and order [N]: the source position of each
+   entry in the new order. A counting sort, O(N + n_panels * n_rows). */
+void panel_order(int64_t n_rows, int64_t n_panels, int64_t P, const int64_t *ptr,
+                 const int32_t *idx, int64_t *pptr, int32_t *order) {
+    const int64_t m = n_panels * n_rows;
+    for (int64_t i = 0; i <= m; ++i) pptr[i] = 0;
+    for (int64_t r = 0; r < n_rows; ++r)
+        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) ++pptr[(idx[j] / P) * n_rows + r + 1];
+    for (int64_t i = 0; i < m; ++i) pptr[i + 1] += pptr[i];
+    for (int64_t r = 0; r < n_rows; ++r) {
+        int64_t j = ptr[r];
+        for (int64_t k = 0; k < n_panels && j < ptr[r + 1]; ++k)
+            for (int64_t q = pptr[k * n_rows + r]; q < pptr[k * n_rows + r + 1]; ++q) order[q] = (int32_t)j++;
+    }
+}
 """
 
 # Tried in order: the native build, then a portable one for compilers that reject -march=native.
@@ -225,13 +306,13 @@ class SparseKernels:
         self.path = path
         p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._spmm = lib.spmm_rows
-        self._spmm.argtypes = [i64, i64, p, p, p, p, p, p, p, cint]
+        self._spmm.argtypes = [i64, i64, i64, p, p, p, p, p, p, p, cint]
         self._spmm.restype = None
         self._sddmm = lib.sddmm
         self._sddmm.argtypes = [i64, i64, p, p, p, p, p, cint]
         self._sddmm.restype = None
         self._bwd = lib.spmm_bwd_fused
-        self._bwd.argtypes = [i64, i64, p, p, p, p, p, p, p, p, cint]
+        self._bwd.argtypes = [i64, i64, i64, p, p, p, p, p, p, p, p, cint]
         self._bwd.restype = None
         self._locate = lib.locate
         self._locate.argtypes = [i64, p, i64, i64, p, p, p, cint]
@@ -239,17 +320,25 @@ class SparseKernels:
         self._csc_perm = lib.csc_perm
         self._csc_perm.argtypes = [i64, p, p, p]
         self._csc_perm.restype = None
+        self._gather = lib.gather32
+        self._gather.argtypes = [i64, p, p, p]
+        self._scatter = lib.scatter32
+        self._scatter.argtypes = [i64, p, p, p]
+        self._panel_order = lib.panel_order
+        self._panel_order.argtypes = [i64, i64, i64, p, p, p, p]
+        self._panel_order.restype = None
 
     def spmm_rows(self, ptr: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                   wperm: torch.Tensor | None, src: torch.Tensor, bias: torch.Tensor | None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-        """``out [len(ptr) - 1, B]`` with ``out[r] = bias[r] + sum_j w[wperm[j]] * src[idx[j]]``
-        (``out``, if given, must be a contiguous float32 buffer of that size)."""
-        n_rows, batch = ptr.numel() - 1, src.shape[1]
+                  out: torch.Tensor | None = None, n_panels: int = 1) -> torch.Tensor:
+        """``out [n_rows, B]`` with ``out[r] = bias[r] + sum_j w[wperm[j]] * src[idx[j]]``
+        (``out``, if given, must be a contiguous float32 buffer of that size). ``ptr`` has
+        ``n_panels * n_rows + 1`` entries (panel-major entries, see :meth:`panel_order`)."""
+        n_rows, batch = (ptr.numel() - 1) // n_panels, src.shape[1]
         if out is None:
             out = torch.empty(n_rows, batch, dtype=torch.float32)
         if n_rows and batch:
-            self._spmm(n_rows, batch, ptr.data_ptr(), idx.data_ptr(), w.data_ptr(),
+            self._spmm(n_rows, n_panels, batch, ptr.data_ptr(), idx.data_ptr(), w.data_ptr(),
                        None if wperm is None else wperm.data_ptr(), src.data_ptr(),
                        None if bias is None else bias.data_ptr(), out.data_ptr(),
                        torch.get_num_threads())
@@ -264,21 +353,25 @@ class SparseKernels:
         return out
 
     def backward_fused(self, ccol: torch.Tensor, row_t: torch.Tensor, perm: torch.Tensor,
-                       w: torch.Tensor, g_t: torch.Tensor, x_t: torch.Tensor
+                       w: torch.Tensor, g_t: torch.Tensor, x_t: torch.Tensor, n_panels: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both gradients of ``y^T = W x^T`` in one pass over the CSC structure (``ccol``,
-        ``row_t``, ``perm`` as built by ``_Topology.csc``): ``(grad_x^T [cols, B],
-        grad_w [N] in CSR order)`` from ``g_t = grad_y^T [rows, B]`` and ``x_t = x^T``."""
-        n_cols, batch = ccol.numel() - 1, g_t.shape[1]
+        ``row_t``, ``perm`` as built by ``_Topology.csc``, or their panel-major order):
+        ``(grad_x^T [cols, B], grad_w [N] in CSR order)`` from ``g_t = grad_y^T [rows, B]``
+        and ``x_t = x^T``."""
+        n_cols, batch = (ccol.numel() - 1) // n_panels, g_t.shape[1]
         gx = torch.empty(n_cols, batch, dtype=torch.float32)
         dw = torch.empty(w.numel(), dtype=torch.float32)
-        if n_cols and batch:   # writes every entry of both (each entry lies in one column)
-            self._bwd(n_cols, batch, ccol.data_ptr(), row_t.data_ptr(), perm.data_ptr(), w.data_ptr(),
-                      g_t.data_ptr(), x_t.data_ptr(), gx.data_ptr(), dw.data_ptr(), torch.get_num_threads())
-        else:
-            gx.zero_()
-            dw.zero_()
-        return gx, dw
+        if not (n_cols and batch):
+            return gx.zero_(), dw.zero_()
+        # panelled (wide) layers: w and dw in the structure's own order, so the random reads
+        # and writes of single floats run in tight loops of their own (about 15% faster at 256k)
+        separate = n_panels > 1 and perm is not None
+        w_in = self.permute(w, perm) if separate else w
+        self._bwd(n_cols, n_panels, batch, ccol.data_ptr(), row_t.data_ptr(),
+                  None if separate or perm is None else perm.data_ptr(), w_in.data_ptr(),
+                  g_t.data_ptr(), x_t.data_ptr(), gx.data_ptr(), dw.data_ptr(), torch.get_num_threads())
+        return gx, self.permute(dw, perm, inverse=True) if separate else dw
 
     def locate(self, keys: torch.Tensor, cols: int, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         """int64 [len(keys)]: the storage position of each flat key ``row * cols + col`` in the
@@ -297,6 +390,28 @@ class SparseKernels:
         if col.numel():
             self._csc_perm(col.numel(), col.data_ptr(), nxt.data_ptr(), perm.data_ptr())
         return perm
+
+    def permute(self, src: torch.Tensor, perm: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``src[perm]`` or, with ``inverse``, ``out`` with ``out[perm] = src``, for a contiguous
+        1-D ``src`` of 4-byte elements (float32, int32) and an int32 ``perm``."""
+        if src.element_size() != 4 or perm.dtype != torch.int32 or src.numel() != perm.numel():
+            raise ValueError("permute needs a 4-byte src and an int32 perm of the same length")
+        src = src.contiguous()
+        out = torch.empty_like(src)
+        (self._scatter if inverse else self._gather)(src.numel(), perm.data_ptr(), src.data_ptr(), out.data_ptr())
+        return out
+
+    def panel_order(self, ptr: torch.Tensor, idx: torch.Tensor, n_panels: int, panel: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Panel-major order of the row-compressed structure ``(ptr, idx)`` for panels of
+        ``panel`` consecutive idx values: ``(pptr int64 [n_panels * n_rows + 1], order int32
+        [N])``, ``order`` giving each new entry's old position."""
+        n_rows = ptr.numel() - 1
+        pptr = torch.empty(n_panels * n_rows + 1, dtype=torch.int64)
+        order = torch.empty(idx.numel(), dtype=torch.int32)
+        self._panel_order(n_rows, n_panels, panel, ptr.data_ptr(), idx.data_ptr(), pptr.data_ptr(),
+                          order.data_ptr())
+        return pptr, order
 
 
 def cache_dir() -> Path:
