@@ -24,6 +24,7 @@ process's baseline after imports.
     python benchmarks/always_sparse_scaling.py           # full run (about 10 min) -> results/always_sparse_scaling.json
     python benchmarks/always_sparse_scaling.py --quick   # widths 1k-8k -> results/always_sparse_scaling_quick.json
     python benchmarks/always_sparse_scaling.py --threads 2   # -> results/always_sparse_scaling_2threads.json
+    THP_MEM_ALLOC_ENABLE=0 python benchmarks/always_sparse_scaling.py   # without huge pages -> ..._nothp.json
 """
 from __future__ import annotations
 
@@ -220,7 +221,8 @@ def main() -> None:
               f"W>=32k {fmt(s['slope_step_time_w_ge_32k'])}), memory {fmt(s['slope_extra_rss'])} "
               f"(W>=32k {fmt(s['slope_extra_rss_w_ge_32k'])}); stopped: {s['stopped']}")
     RESULTS.mkdir(exist_ok=True)
-    stem = "always_sparse_scaling" + ("_quick" if args.quick else "") + (f"_{args.threads}threads" if args.threads != 1 else "")
+    stem = "always_sparse_scaling" + ("_quick" if args.quick else "") + (f"_{args.threads}threads" if args.threads != 1 else "") \
+        + ("_nothp" if thp == "0" else "")
     path = RESULTS / f"{stem}.json"
     path.write_text(json.dumps({"benchmark": "always_sparse_scaling", "machine": info, "rows": rows,
                                 "summary": summary}, indent=1))
