@@ -27,10 +27,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-from torch import nn
+# torch's CPU allocator then asks for transparent huge pages on large tensors (it reads this
+# once, so it is set before torch loads): far fewer TLB misses and page faults in the gathers
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from _common import proc_status_bytes
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _common import proc_status_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -148,6 +152,7 @@ def main() -> None:
         "benchmark": "widest_mlp", "quick": args.quick,
         "machine": {"cpu": platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "threads": args.threads, "kernel": kernels is not None, "loadavg": os.getloadavg(),
+                    "THP_MEM_ALLOC_ENABLE": os.environ["THP_MEM_ALLOC_ENABLE"],
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "config": vars(args),
         "layers": {n: {"shape": [m.out_features, m.in_features], "nnz": m.nnz, "density": m.density}
