@@ -14,11 +14,12 @@ double from 1000 up to 256000, variants interleaved width by width. A variant st
 width whose peak RSS, predicted from its last two widths, exceeds ``--mem-cap-gib``, or after a
 width whose ordinary step took longer than ``--max-step-s``. Step time: median of the ordinary
 steps (after a warm-up step, as many as fit in ``--seconds``, 3 to 100); one update step
-(topology update of the DST variants) is timed separately, and ``amortised`` is the time per
-step with one update every 100 steps (the default update interval). The log-log slopes of
+(topology update of the DST variants) is timed separately, and so is the step after it (it
+rebuilds the layers' index structures); ``amortised`` is the time per step with one update
+every 100 steps (the default update interval), both counted. The log-log slopes of
 time and memory against width are least-squares fits over all measured widths and over those
 >= 32000 (past the cache cliff: there the activations, W x 128 floats, no longer fit in the
-4 MB L2 and every gathered input row comes from L3 or DRAM); memory is the peak RSS above the
+2 MB L2 of a core and every gathered input row comes from L3 or DRAM); memory is the peak RSS above the
 process's baseline after imports.
 
     python benchmarks/always_sparse_scaling.py           # full run (about 10 min) -> results/always_sparse_scaling.json
@@ -101,11 +102,14 @@ def worker(variant: str, width: int, seconds: float, threads: int) -> dict:
                                      total_steps=10 * every, update_interval=every, distribution="erk")
     ordinary = [step(dst.step if dst is not None else opt.step) for _ in range(1, every)]
     updates = [step(dst.step)] if dst is not None else []   # step `every`: a topology update
+    # the first step after a rewire also rebuilds the layers' index structures (CSC, panels)
+    after_update = [step(dst.step)] if dst is not None else []
     if variant == "masked_rigl":
         ordinary = ordinary[1:]   # its first masked step also zeroes the pruned weights' momentum
     stats = dst.stats() if dst is not None else None
     return {"variant": variant, "width": width, "steps": len(ordinary) + len(updates), "build_s": build_s,
             "step_s": statistics.median(ordinary), "update_step_s": statistics.median(updates) if updates else None,
+            "after_update_step_s": after_update[0] if after_update else None,
             "peak_rss": proc_status_bytes("VmHWM"), "baseline_rss": base, "extra_rss": proc_status_bytes("VmHWM") - base,
             "nnz": stats["nnz"] if stats else sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight")),
             "density": stats["density"] if stats else 1.0}
@@ -123,9 +127,13 @@ def slope(points: list[tuple[float, float]]) -> float | None:
 
 
 def amortised(row: dict) -> float:
+    """Time per step with one update every UPDATE_EVERY steps, counting the step after it."""
     if row["update_step_s"] is None:
         return row["step_s"]
-    return ((UPDATE_EVERY - 1) * row["step_s"] + row["update_step_s"]) / UPDATE_EVERY
+    after = row.get("after_update_step_s")
+    if after is None:   # results written before the step after an update was timed
+        return ((UPDATE_EVERY - 1) * row["step_s"] + row["update_step_s"]) / UPDATE_EVERY
+    return ((UPDATE_EVERY - 2) * row["step_s"] + row["update_step_s"] + after) / UPDATE_EVERY
 
 
 def main() -> None:

@@ -139,6 +139,17 @@ def test_permute_matches_indexing(n, seed, dtype):
         kernels.permute(src.double(), perm)
 
 
+def test_panel_bytes_from_env(monkeypatch):
+    monkeypatch.setenv("REGROW_PANEL_BYTES", "1048576")
+    assert sparse_linear._panel_bytes_from_env() == 1 << 20
+    monkeypatch.setenv("REGROW_PANEL_BYTES", "")
+    assert sparse_linear._panel_bytes_from_env() == 8 << 20
+    for bad in ("8MB", "0", "-5"):
+        monkeypatch.setenv("REGROW_PANEL_BYTES", bad)
+        with pytest.raises(ValueError, match="REGROW_PANEL_BYTES"):
+            sparse_linear._panel_bytes_from_env()
+
+
 def test_panel_split():
     assert panel_split(1000, 128, 64_000, 1000) == (1, 1000)            # fits one panel
     n, panel = panel_split(262_144, 128, 64 * 262_144, 262_144)          # 128 MB of rows, 8 MB panels

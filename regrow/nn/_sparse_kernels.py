@@ -19,9 +19,10 @@ and up at batch 128), every random row gather is a DRAM read. ``spmm_rows`` and
 ``spmm_bwd_fused`` then take their entries in panel-major order (``panel_order``, a counting
 sort): one panel of gathered rows at a time, small enough to stay in the last-level cache,
 with each output row's partial sum streamed through memory between panels. The sums are the
-same to the bit. At width 256k this halved the forward's time per weight here, and with
-``gather32`` / ``scatter32`` moving the backward's values and weight gradients into
-and out of the panel order in loops of their own, cut the backward's by a third.
+same to the bit. At width 256k on one thread that took the forward from 113-124 to 64-81
+ns per weight here and, with ``gather32`` / ``scatter32`` moving the backward's values and
+weight gradients into and out of the panel order in loops of their own, the backward from
+168-186 to 103-119 ns.
 
 Two helpers for topology updates avoid sorting, which costs about 0.2 us per int64 element
 here (0.46 s for 2M keys on one thread): ``locate`` (position of flat keys, a binary search in the
