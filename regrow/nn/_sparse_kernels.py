@@ -16,7 +16,7 @@ out x in:
 
 Wide layers gather by panels: once the gathered activations outgrow the caches (width 16k
 and up at batch 128), every random row gather is a DRAM read. ``spmm_rows`` and
-``spmm_bwd_fused`` then take their entries in panel-major order (``panel_order``, a counting
+``spmm_bwd_fused`` then take their entries in panel-major order (``bucket_order``, a counting
 sort): one panel of gathered rows at a time, small enough to stay in the last-level cache,
 with each output row's partial sum streamed through memory between panels. The sums are the
 same to the bit. At width 256k on one thread that took the forward from 113-124 to 64-81
@@ -26,7 +26,8 @@ weight gradients into and out of the panel order in loops of their own, the back
 
 Two helpers for topology updates avoid sorting, which costs about 0.2 us per int64 element
 here (0.46 s for 2M keys on one thread): ``locate`` (position of flat keys, a binary search in the
-row's own column segment) and ``csc_perm`` (counting sort of the entries by column).
+row's own column segment) and ``bucket_order`` (a counting sort of the entries: by column for
+the CSC order, by panel and row or column for the panel-major orders).
 
 The C source is compiled once with the system compiler into a per-user cache and called
 through ``ctypes`` (building, caching and the environment variables are shared with the
@@ -48,6 +49,7 @@ from . import _cbuild
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
@@ -253,10 +255,26 @@ void locate(int64_t n, const int64_t *key, int64_t cols, int64_t rows, const int
     }
 }
 
-/* Counting sort by column of entries stored in (row, col) order: perm[p] is the CSR position
-   of the p-th entry in (col, row) order. next[] starts as the CSC column pointer. O(N + cols). */
-void csc_perm(int64_t n, const int32_t *col, int64_t *next, int32_t *perm) {
-    for (int64_t j = 0; j < n; ++j) perm[next[col[j]]++] = (int32_t)j;
+/* A stable counting sort of the entries, stored in (row, col) order, by the bucket
+   (a[j] / P) * nb + b[j]: with a = row, b = col and P = rows it is the CSC order; with a = col,
+   b = row, the panel-major CSR order of spmm_rows (panels of P input features); with
+   a = row, b = col, the panel-major CSC order of spmm_bwd_fused. Writes ptr
+   [n_buckets + 1] and order [N] (the (row, col) position of each entry in bucket order).
+   O(N + n_buckets); returns -1 if its scratch cannot be allocated. */
+int bucket_order(int64_t n, const int32_t *a, const int32_t *b, int64_t P, int64_t nb,
+                 int64_t n_buckets, int64_t *ptr, int32_t *order) {
+    int64_t *next = malloc(n_buckets * sizeof(int64_t) + 1);
+    if (!next) return -1;
+    /* one bucket per b when there is one panel; 32-bit division otherwise (indices are int32) */
+    #define BUCKET(j) (n_buckets == nb ? (int64_t)b[j] : (int64_t)((uint32_t)a[j] / (uint32_t)P) * nb + b[j])
+    for (int64_t i = 0; i <= n_buckets; ++i) ptr[i] = 0;
+    for (int64_t j = 0; j < n; ++j) ++ptr[BUCKET(j) + 1];
+    for (int64_t i = 0; i < n_buckets; ++i) ptr[i + 1] += ptr[i];
+    memcpy(next, ptr, n_buckets * sizeof(int64_t));
+    for (int64_t j = 0; j < n; ++j) order[next[BUCKET(j)]++] = (int32_t)j;
+    #undef BUCKET
+    free(next);
+    return 0;
 }
 
 /* dst[j] = src[perm[j]] and dst[perm[j]] = src[j] for 4-byte elements (float32 or int32),
@@ -275,24 +293,6 @@ void scatter32(int64_t n, const int32_t *perm, const uint32_t *src, uint32_t *ds
     }
 }
 
-/* Panel-major order of a row-compressed structure (ptr [n_rows + 1], idx sorted within each
-   row): the entries with idx in panel k = [k * P, (k + 1) * P) come before those of panel
-   k + 1, rows in order inside a panel, and a row's entries keep their order. Writes
-   pptr [n_panels * n_rows + 1] (see spmm_rows) and order [N]: the source position of each
-   entry in the new order. A counting sort, O(N + n_panels * n_rows). */
-void panel_order(int64_t n_rows, int64_t n_panels, int64_t P, const int64_t *ptr,
-                 const int32_t *idx, int64_t *pptr, int32_t *order) {
-    const int64_t m = n_panels * n_rows;
-    for (int64_t i = 0; i <= m; ++i) pptr[i] = 0;
-    for (int64_t r = 0; r < n_rows; ++r)
-        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) ++pptr[(idx[j] / P) * n_rows + r + 1];
-    for (int64_t i = 0; i < m; ++i) pptr[i + 1] += pptr[i];
-    for (int64_t r = 0; r < n_rows; ++r) {
-        int64_t j = ptr[r];
-        for (int64_t k = 0; k < n_panels && j < ptr[r + 1]; ++k)
-            for (int64_t q = pptr[k * n_rows + r]; q < pptr[k * n_rows + r + 1]; ++q) order[q] = (int32_t)j++;
-    }
-}
 """
 
 # Tried in order: the native build, then a portable one for compilers that reject -march=native.
@@ -318,23 +318,20 @@ class SparseKernels:
         self._locate = lib.locate
         self._locate.argtypes = [i64, p, i64, i64, p, p, p, cint]
         self._locate.restype = None
-        self._csc_perm = lib.csc_perm
-        self._csc_perm.argtypes = [i64, p, p, p]
-        self._csc_perm.restype = None
+        self._bucket_order = lib.bucket_order
+        self._bucket_order.argtypes = [i64, p, p, i64, i64, i64, p, p]
+        self._bucket_order.restype = cint
         self._gather = lib.gather32
         self._gather.argtypes = [i64, p, p, p]
         self._scatter = lib.scatter32
         self._scatter.argtypes = [i64, p, p, p]
-        self._panel_order = lib.panel_order
-        self._panel_order.argtypes = [i64, i64, i64, p, p, p, p]
-        self._panel_order.restype = None
 
     def spmm_rows(self, ptr: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                   wperm: torch.Tensor | None, src: torch.Tensor, bias: torch.Tensor | None,
                   out: torch.Tensor | None = None, n_panels: int = 1) -> torch.Tensor:
         """``out [n_rows, B]`` with ``out[r] = bias[r] + sum_j w[wperm[j]] * src[idx[j]]``
         (``out``, if given, must be a contiguous float32 buffer of that size). ``ptr`` has
-        ``n_panels * n_rows + 1`` entries (panel-major entries, see :meth:`panel_order`)."""
+        ``n_panels * n_rows + 1`` entries (panel-major entries, see :meth:`bucket_order`)."""
         n_rows, batch = (ptr.numel() - 1) // n_panels, src.shape[1]
         if out is None:
             out = torch.empty(n_rows, batch, dtype=torch.float32)
@@ -384,13 +381,18 @@ class SparseKernels:
                          col.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
 
-    def csc_perm(self, col: torch.Tensor, ccol: torch.Tensor) -> torch.Tensor:
-        """int32 permutation taking (row, col)-ordered entries to (col, row) order."""
-        perm = torch.empty(col.numel(), dtype=torch.int32)
-        nxt = ccol[:-1].clone()   # kept alive across the call
-        if col.numel():
-            self._csc_perm(col.numel(), col.data_ptr(), nxt.data_ptr(), perm.data_ptr())
-        return perm
+    def bucket_order(self, a: torch.Tensor, b: torch.Tensor, panel: int, nb: int, n_panels: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stable counting sort of (row, col)-ordered entries by ``(a // panel) * nb + b``
+        (int32 ``a``, ``b``; ``a < n_panels * panel``, ``b < nb``): ``(ptr int64
+        [n_panels * nb + 1], order int32 [N])``, ``order`` giving each sorted entry's position."""
+        n_buckets = n_panels * nb
+        ptr = torch.empty(n_buckets + 1, dtype=torch.int64)
+        order = torch.empty(a.numel(), dtype=torch.int32)
+        if self._bucket_order(a.numel(), a.data_ptr(), b.data_ptr(), panel, nb, n_buckets,
+                              ptr.data_ptr(), order.data_ptr()) != 0:
+            raise MemoryError(f"bucket_order: no memory for {n_buckets} bucket counters")
+        return ptr, order
 
     def permute(self, src: torch.Tensor, perm: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """``src[perm]`` or, with ``inverse``, ``out`` with ``out[perm] = src``, for a contiguous
@@ -401,18 +403,6 @@ class SparseKernels:
         out = torch.empty_like(src)
         (self._scatter if inverse else self._gather)(src.numel(), perm.data_ptr(), src.data_ptr(), out.data_ptr())
         return out
-
-    def panel_order(self, ptr: torch.Tensor, idx: torch.Tensor, n_panels: int, panel: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Panel-major order of the row-compressed structure ``(ptr, idx)`` for panels of
-        ``panel`` consecutive idx values: ``(pptr int64 [n_panels * n_rows + 1], order int32
-        [N])``, ``order`` giving each new entry's old position."""
-        n_rows = ptr.numel() - 1
-        pptr = torch.empty(n_panels * n_rows + 1, dtype=torch.int64)
-        order = torch.empty(idx.numel(), dtype=torch.int32)
-        self._panel_order(n_rows, n_panels, panel, ptr.data_ptr(), idx.data_ptr(), pptr.data_ptr(),
-                          order.data_ptr())
-        return pptr, order
 
 
 def cache_dir() -> Path:

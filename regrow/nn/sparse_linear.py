@@ -81,43 +81,45 @@ class _Topology:
         """(ccol int64 [cols + 1], row int32 [N] in column order, perm int32 [N]: CSR position
         of each CSC entry)."""
         if self._csc is None:
-            counts = torch.bincount(self.col.long(), minlength=self.cols) if self.col.numel() \
-                else torch.zeros(self.cols, dtype=torch.long, device=self.col.device)
-            ccol = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             kernels = _sparse_kernels.load() if self.col.device.type == "cpu" else None
-            if kernels is not None:
-                perm = kernels.csc_perm(self.col, ccol)   # counting sort, O(N + cols)
+            if kernels is not None:   # counting sort by column, O(N + cols)
+                ccol, perm = kernels.bucket_order(self.row, self.col, max(1, self.rows), self.cols, 1)
+                self._csc = (ccol, kernels.permute(self.row, perm), perm)
             else:
+                counts = torch.bincount(self.col.long(), minlength=self.cols) if self.col.numel() \
+                    else torch.zeros(self.cols, dtype=torch.long, device=self.col.device)
+                ccol = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
                 # entries are sorted by (row, col): a stable sort by col alone gives (col, row) order
                 perm = torch.sort(self.col, stable=True).indices.to(torch.int32)
-            self._csc = (ccol, self.row[perm.long()].contiguous(), perm)
+                self._csc = (ccol, self.row[perm.long()].contiguous(), perm)
         return self._csc
 
     def csr_for(self, kernels: _sparse_kernels.SparseKernels, batch: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
         """``(ptr, col, value perm or None, n_panels)`` for a forward at this batch size: the
-        CSR structure, or its panel-major order over the input features (:func:`panel_split`)."""
+        CSR structure, or its panel-major order over the input features (:func:`panel_split`):
+        (panel of the column, row, column)."""
         n, panel = panel_split(self.cols, batch, self.col.numel(), self.rows)
         if n == 1:
             return self.crow, self.col, None, 1
         key = ("csr", panel)
         if key not in self._panels:
-            pptr, order = kernels.panel_order(self.crow, self.col, n, panel)
+            pptr, order = kernels.bucket_order(self.col, self.row, panel, self.rows, n)
             self._panels[key] = (pptr, kernels.permute(self.col, order), order, n)
         return self._panels[key]
 
     def csc_for(self, kernels: _sparse_kernels.SparseKernels, batch: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``(ccol, row, perm, n_panels)`` for an input gradient at this batch size: the CSC
-        view of :meth:`csc`, or its panel-major order over the output rows."""
-        ccol, row_t, perm = self.csc()
-        n, panel = panel_split(self.rows, batch, row_t.numel(), self.cols)
+        view of :meth:`csc`, or its panel-major order over the output rows: (panel of the
+        row, column, row), sorted straight from the CSR order (the plain CSC is not built)."""
+        n, panel = panel_split(self.rows, batch, self.row.numel(), self.cols)
         if n == 1:
-            return ccol, row_t, perm, 1
+            return (*self.csc(), 1)
         key = ("csc", panel)
         if key not in self._panels:
-            pptr, order = kernels.panel_order(ccol, row_t, n, panel)
-            self._panels[key] = (pptr, kernels.permute(row_t, order), kernels.permute(perm, order), n)
+            pptr, perm = kernels.bucket_order(self.row, self.col, panel, self.cols, n)
+            self._panels[key] = (pptr, kernels.permute(self.row, perm), perm, n)
         return self._panels[key]
 
     def csr_tensor(self, values: torch.Tensor) -> torch.Tensor:
