@@ -88,7 +88,7 @@ def worker(variant: str, width: int, seconds: float, threads: int) -> dict:
         return time.perf_counter() - start
 
     # warm-up (first touches of memory, lazy index structures), then as many ordinary steps as
-    # fit in about `seconds` (at least 3), then one topology update step
+    # fit in about `seconds` (3 to 100), then one topology update step and the step after it
     warm = step(opt.step)
     every = 2 + max(3, min(100, int(seconds / max(warm, 1e-3))))
     dst = None

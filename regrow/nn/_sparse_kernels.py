@@ -263,10 +263,10 @@ void locate(int64_t n, const int64_t *key, int64_t cols, int64_t rows, const int
    O(N + n_buckets); returns -1 if its scratch cannot be allocated. */
 int bucket_order(int64_t n, const int32_t *a, const int32_t *b, int64_t P, int64_t nb,
                  int64_t n_buckets, int64_t *ptr, int32_t *order) {
-    int64_t *next = malloc(n_buckets * sizeof(int64_t) + 1);
+    int64_t *next = malloc(n_buckets * sizeof(int64_t) + 1);   /* + 1: malloc(0) may give NULL */
     if (!next) return -1;
-    /* one bucket per b when there is one panel; 32-bit division otherwise (indices are int32) */
-    #define BUCKET(j) (n_buckets == nb ? (int64_t)b[j] : (int64_t)((uint32_t)a[j] / (uint32_t)P) * nb + b[j])
+    /* indices are non-negative int32, P fits in 32 bits: a 32-bit division */
+    #define BUCKET(j) ((int64_t)((uint32_t)a[j] / (uint32_t)P) * nb + b[j])
     for (int64_t i = 0; i <= n_buckets; ++i) ptr[i] = 0;
     for (int64_t j = 0; j < n; ++j) ++ptr[BUCKET(j) + 1];
     for (int64_t i = 0; i < n_buckets; ++i) ptr[i + 1] += ptr[i];

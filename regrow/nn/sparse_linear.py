@@ -77,14 +77,21 @@ class _Topology:
         self._csc: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._panels: dict[tuple, tuple] = {}
 
+    @staticmethod
+    def _sorted_by(kernels: _sparse_kernels.SparseKernels, a: torch.Tensor, b: torch.Tensor, panel: int,
+                   nb: int, n_panels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entries in (panel of ``a``, ``b``, CSR position) order, a counting sort:
+        ``(ptr [n_panels * nb + 1], a in that order, order)``."""
+        ptr, order = kernels.bucket_order(a, b, panel, nb, n_panels)
+        return ptr, kernels.permute(a, order), order
+
     def csc(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ccol int64 [cols + 1], row int32 [N] in column order, perm int32 [N]: CSR position
         of each CSC entry)."""
         if self._csc is None:
             kernels = _sparse_kernels.load() if self.col.device.type == "cpu" else None
-            if kernels is not None:   # counting sort by column, O(N + cols)
-                ccol, perm = kernels.bucket_order(self.row, self.col, max(1, self.rows), self.cols, 1)
-                self._csc = (ccol, kernels.permute(self.row, perm), perm)
+            if kernels is not None:   # one panel holding every row: sorted by column, O(N + cols)
+                self._csc = self._sorted_by(kernels, self.row, self.col, max(1, self.rows), self.cols, 1)
             else:
                 counts = torch.bincount(self.col.long(), minlength=self.cols) if self.col.numel() \
                     else torch.zeros(self.cols, dtype=torch.long, device=self.col.device)
@@ -94,33 +101,34 @@ class _Topology:
                 self._csc = (ccol, self.row[perm.long()].contiguous(), perm)
         return self._csc
 
+    def _panel_major(self, kernels: _sparse_kernels.SparseKernels, batch: int, gathered: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """For a pass gathering by ``gathered`` ("col": the forward, over input features; "row":
+        the input gradient, over output rows): ``(ptr, gathered index, CSR position, n_panels)``
+        with the entries in (panel of the gathered index, other index, gathered index) order
+        (:func:`panel_split`), cached per panel size; None when one panel would hold them all."""
+        a, b = (self.col, self.row) if gathered == "col" else (self.row, self.col)
+        a_size, b_size = (self.cols, self.rows) if gathered == "col" else (self.rows, self.cols)
+        n, panel = panel_split(a_size, batch, a.numel(), b_size)
+        if n == 1:
+            return None
+        key = (gathered, panel)
+        if key not in self._panels:
+            self._panels[key] = (*self._sorted_by(kernels, a, b, panel, b_size, n), n)
+        return self._panels[key]
+
     def csr_for(self, kernels: _sparse_kernels.SparseKernels, batch: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
         """``(ptr, col, value perm or None, n_panels)`` for a forward at this batch size: the
-        CSR structure, or its panel-major order over the input features (:func:`panel_split`):
-        (panel of the column, row, column)."""
-        n, panel = panel_split(self.cols, batch, self.col.numel(), self.rows)
-        if n == 1:
-            return self.crow, self.col, None, 1
-        key = ("csr", panel)
-        if key not in self._panels:
-            pptr, order = kernels.bucket_order(self.col, self.row, panel, self.rows, n)
-            self._panels[key] = (pptr, kernels.permute(self.col, order), order, n)
-        return self._panels[key]
+        CSR structure, or its panel-major order over the input features."""
+        return self._panel_major(kernels, batch, "col") or (self.crow, self.col, None, 1)
 
     def csc_for(self, kernels: _sparse_kernels.SparseKernels, batch: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``(ccol, row, perm, n_panels)`` for an input gradient at this batch size: the CSC
-        view of :meth:`csc`, or its panel-major order over the output rows: (panel of the
-        row, column, row), sorted straight from the CSR order (the plain CSC is not built)."""
-        n, panel = panel_split(self.rows, batch, self.row.numel(), self.cols)
-        if n == 1:
-            return (*self.csc(), 1)
-        key = ("csc", panel)
-        if key not in self._panels:
-            pptr, perm = kernels.bucket_order(self.row, self.col, panel, self.cols, n)
-            self._panels[key] = (pptr, kernels.permute(self.row, perm), perm, n)
-        return self._panels[key]
+        view of :meth:`csc`, or its panel-major order over the output rows, sorted straight
+        from the CSR order (the plain CSC is then not built)."""
+        return self._panel_major(kernels, batch, "row") or (*self.csc(), 1)
 
     def csr_tensor(self, values: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
