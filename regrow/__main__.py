@@ -1,6 +1,6 @@
 """``python -m regrow ...`` is the ``regrow`` command."""
 import sys
 
-from .cli import main
+from .experiments.cli import main
 
 sys.exit(main())

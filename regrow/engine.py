@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from .backends import MaskedTarget, make_target, owns_topology
-from .density import DISTRIBUTIONS, allocate_counts
-from .distributed import check_masks_agree, unwrap
-from .layers import find_sparsifiable
+from .core.density import DISTRIBUTIONS, allocate_counts
+from .core.distributed import check_masks_agree, unwrap
+from .core.layers import find_sparsifiable
 from .methods import METHODS, REGISTRY, UpdateContext, make_method
-from .metrics import sparsity_stats
-from .optim_state import OptimizerStateMasker, check_optimizer
-from .schedules import UpdateSchedule
+from .core.metrics import sparsity_stats
+from .core.optim_state import OptimizerStateMasker, check_optimizer
+from .core.schedules import UpdateSchedule
 
 
 class DynamicSparsity:

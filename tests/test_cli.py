@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from regrow.cli import build_parser, main, resolve_config
-from regrow.config import FIELDS, TrainConfig, from_dict, load_yaml, save_yaml
+from regrow.experiments.cli import build_parser, main, resolve_config
+from regrow.experiments.config import FIELDS, TrainConfig, from_dict, load_yaml, save_yaml
 
 COMMANDS = ("train", "compare", "report", "export", "demo")
 FAST = ["--dataset", "digits", "--widths", "16", "--epochs", "1", "--batch-size", "128",
@@ -142,7 +142,7 @@ def test_ctrl_c_hint_names_the_real_run_folder(tmp_path, capsys, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("regrow.train.train", interrupted)
+    monkeypatch.setattr("regrow.experiments.train.train", interrupted)
     code, _, err = _run_cli(["train", *FAST, "--method", "set", "--sparsity", "0.8", "--seed", "4"], capsys)
     assert code == 130
     assert err == "regrow: interrupted; continue with: regrow train --resume runs/set-sp0.8-seed4\n"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from regrow.density import allocate_counts, layer_densities
+from regrow.core.density import allocate_counts, layer_densities
 
 shape_2d = st.tuples(st.integers(1, 300), st.integers(1, 300))
 shape_4d = st.tuples(st.integers(1, 64), st.integers(1, 64), st.sampled_from([1, 3, 5]), st.sampled_from([1, 3]))

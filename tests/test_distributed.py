@@ -28,11 +28,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from regrow import DynamicSparsity
-from regrow.checkpoint import load_checkpoint
-from regrow.config import TrainConfig
-from regrow.ddp_train import (Group, current_group, epoch_batches, process_group_from_env, steps_per_epoch,
+from regrow.experiments.checkpoint import load_checkpoint
+from regrow.experiments.config import TrainConfig
+from regrow.experiments.ddp import (Group, current_group, epoch_batches, process_group_from_env, steps_per_epoch,
                               sum_over_ranks, wrap)
-from regrow.distributed import (all_reduce_sum, check_masks_agree, global_rows,
+from regrow.core.distributed import (all_reduce_sum, check_masks_agree, global_rows,
                                 mask_checksum, mask_checksums, unwrap)
 
 WORLD = 2
@@ -452,7 +452,7 @@ RUN = TrainConfig(dataset="synthetic", widths=[32], epochs=2, batch_size=100, up
 
 
 def _train_ranks(rank, world, root, runs):
-    from regrow.train import train as train_run
+    from regrow.experiments.train import train as train_run
     out = {}
     for name, kwargs in runs:
         run_dir = os.path.join(root, name if kwargs.pop("shared", True) else f"{name}-rank{rank}")
@@ -463,7 +463,7 @@ def _train_ranks(rank, world, root, runs):
 @pytest.fixture(scope="module")
 def ddp_training(tmp_path_factory):
     """(run folder, every rank's return values, the single-process summary)."""
-    from regrow.train import train as train_run
+    from regrow.experiments.train import train as train_run
     root = tmp_path_factory.mktemp("ddp_train")
     # first, so the forked ranks inherit its imports (data, tqdm, yaml: seconds otherwise)
     single = train_run(RUN, root / "single")
@@ -509,7 +509,7 @@ def test_ddp_resume_is_bitwise(ddp_training):
 
 def test_torchrun_without_a_process_group_is_refused(monkeypatch, tmp_path):
     # e.g. `torchrun -m regrow compare`: each rank would train alone into the same folders
-    from regrow.train import train as train_run
+    from regrow.experiments.train import train as train_run
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ValueError, match="no process group was joined"):
@@ -520,7 +520,7 @@ def test_torchrun_without_a_process_group_is_refused(monkeypatch, tmp_path):
 # -- end to end: torchrun, two processes, the built-in digits -------------------------------------
 @pytest.mark.slow
 def test_torchrun_train_end_to_end(tmp_path):
-    from regrow.cli import main
+    from regrow.experiments.cli import main
     flags = ["--dataset", "digits", "--epochs", "1", "--widths", "32", "--update-interval", "4",
              "--method", "rigl", "--threads", "1", "--quiet"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -88,21 +88,21 @@ def test_default_discovery_linear_conv_and_attention():
             self.norm = nn.LayerNorm(16)
             self.head = nn.Linear(16, 3)
     net = Net()
-    names = [s.name for s in regrow.layers.find_sparsifiable(net)]
+    names = [s.name for s in regrow.core.layers.find_sparsifiable(net)]
     assert names == ["conv1.weight", "conv3.weight", "attn.in_proj_weight", "attn.out_proj.weight", "head.weight"]
 
 
 def test_attention_with_separate_kdim_uses_qkv_projections():
     attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)
-    names = [s.name for s in regrow.layers.find_sparsifiable(attn)]
+    names = [s.name for s in regrow.core.layers.find_sparsifiable(attn)]
     assert names == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]
 
 
 def test_explicit_targets_and_dense_layers():
     model = mlp()
-    found = regrow.layers.find_sparsifiable(model, targets=["0.weight", model[2], model[4].bias])
+    found = regrow.core.layers.find_sparsifiable(model, targets=["0.weight", model[2], model[4].bias])
     assert [s.name for s in found] == ["0.weight", "2.weight", "4.bias"]
-    found = regrow.layers.find_sparsifiable(model, dense_layers=["0", "4.weight"])
+    found = regrow.core.layers.find_sparsifiable(model, dense_layers=["0", "4.weight"])
     assert [s.name for s in found] == ["2.weight"]
     dst = _dst(model=model, dense_layers=["0"])
     assert set(dst.masks) == {"2.weight", "4.weight"}

@@ -11,8 +11,9 @@ from torch import nn
 import regrow
 import regrow.train as train_mod
 from regrow import models
-from regrow.config import TrainConfig
-from regrow.export import export, export_run, format_report, load_exported, save_exported
+from regrow.experiments.config import TrainConfig
+from regrow.experiments.export_run import export_run
+from regrow.export import export, format_report, load_exported, save_exported
 from regrow.nn import CondensedLinear, CSRLinear, sparse_linear
 
 TOL = dict(rtol=1e-5, atol=1e-5)

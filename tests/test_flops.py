@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from regrow import DynamicSparsity
-from regrow.flops import (LayerFlops, TrainFlops, growth_cost, gse_subset_fraction, measure_layer_flops,
+from regrow.experiments.flops import (LayerFlops, TrainFlops, growth_cost, gse_subset_fraction, measure_layer_flops,
                           step_flops)
 
 

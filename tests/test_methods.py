@@ -9,7 +9,7 @@ from torch import nn
 
 import regrow
 from helpers import batches, build, cnn, mlp, train_step
-from regrow.sampling import sample_subset, uniform_inactive
+from regrow.core.sampling import sample_subset, uniform_inactive
 
 
 def _backward_of_first_update_step(model, optimizer, dst):
@@ -259,7 +259,7 @@ def test_set_grown_weights_follow_the_layer_init_or_zero():
 
 
 def test_factorised_sampling_tops_up_when_the_marginals_are_too_narrow():
-    from regrow.sampling import _factorised
+    from regrow.core.sampling import _factorised
     model, optimizer, dst = build("gse", sparsity=0.5, distribution="uniform")
     t = dst.targets[0]
     rows = torch.zeros(t.rows)

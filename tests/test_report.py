@@ -4,9 +4,9 @@ import statistics
 
 import pytest
 
-from regrow.cli import main
-from regrow.compare import RunSpec, plan
-from regrow.report import aggregate, collect_runs, render_markdown, write_report
+from regrow.experiments.cli import main
+from regrow.experiments.compare import RunSpec, plan
+from regrow.experiments.report import aggregate, collect_runs, render_markdown, write_report
 
 FAST = ["--dataset", "digits", "--widths", "12", "--epochs", "2", "--batch-size", "256",
         "--update-interval", "2", "--threads", "1", "--quiet"]

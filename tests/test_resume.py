@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from regrow.checkpoint import load_checkpoint, save_checkpoint
-from regrow.cli import main
-from regrow.config import TrainConfig
-from regrow.train import train
+from regrow.experiments.checkpoint import load_checkpoint, save_checkpoint
+from regrow.experiments.cli import main
+from regrow.experiments.config import TrainConfig
+from regrow.experiments.train import train
 
 # digits: 1437 training samples, batch 64 -> 23 steps per epoch, 46 in all
 BASE = TrainConfig(dataset="digits", widths=[24], epochs=2, batch_size=64, update_interval=4,

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from regrow.schedules import UpdateSchedule
+from regrow.core.schedules import UpdateSchedule
 
 
 def test_update_steps_every_interval_until_stop():

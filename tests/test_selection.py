@@ -2,7 +2,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from regrow.selection import largest_k, smallest_k
+from regrow.core.selection import largest_k, smallest_k
 
 
 @given(values=st.lists(st.integers(-3, 3), min_size=1, max_size=60), data=st.data())

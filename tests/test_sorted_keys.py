@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from regrow.sorted_keys import merge_sorted, sorted_uniform_draws, union_sorted
+from regrow.core.sorted_keys import merge_sorted, sorted_uniform_draws, union_sorted
 
 keys = st.sets(st.integers(0, 10**12), max_size=60)
 

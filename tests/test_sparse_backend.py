@@ -19,12 +19,12 @@ from regrow.backends.sparse import SparseLinearTarget
 from regrow.methods import UpdateContext, make_method
 from regrow.nn.sparse_linear import SparseLinear
 from regrow.nn.sparsify import sparsify
-from regrow.optim_state import OptimizerStateMasker
+from regrow.core.optim_state import OptimizerStateMasker
 
 
 def target_for(layer: SparseLinear, optimizer=None) -> SparseLinearTarget:
     optimizer = optimizer or torch.optim.SGD(layer.parameters(), lr=0.1)
-    return layer.make_regrow_target("w", 0, OptimizerStateMasker(optimizer))
+    return SparseLinearTarget("w", layer, OptimizerStateMasker(optimizer))
 
 
 def captured_step(layer: SparseLinear, target, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -365,7 +365,7 @@ def test_ever_active_set_does_not_depend_on_load_order():
 
 def test_sampling_a_subset_as_large_as_the_inactive_set_takes_few_rounds():
     # no enumeration on this backend: rejection must size its draws by the acceptance rate
-    from regrow.sampling import uniform_inactive
+    from regrow.core.sampling import uniform_inactive
     t = target_for(SparseLinear(300, 300, 0.1))
     calls = []
     original = t.is_active

@@ -245,7 +245,7 @@ def test_from_dense_round_trip_and_resizing_state_dict():
 
 
 def test_sparsify_converts_linear_layers_with_allocated_counts():
-    from regrow.density import allocate_counts
+    from regrow.core.density import allocate_counts
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(inplace=True), nn.Linear(128, 10))
     sparsify(model, sparsity=0.9, distribution="erk", seed=3)
     layers = [m for m in model if isinstance(m, SparseLinear)]

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from regrow.checkpoint import load_checkpoint, save_checkpoint
-from regrow.config import TrainConfig
-from regrow.ddp_train import Group, epoch_batches
-from regrow.train import epoch_order, load_trained, lr_factor, read_metrics, train
+from regrow.experiments.checkpoint import load_checkpoint, save_checkpoint
+from regrow.experiments.config import TrainConfig
+from regrow.experiments.ddp import Group, epoch_batches
+from regrow.experiments.train import epoch_order, load_trained, lr_factor, read_metrics, train
 
 TINY = TrainConfig(dataset="digits", widths=[16], epochs=2, batch_size=128, update_interval=3,
                    sparsity=0.8, threads=1)

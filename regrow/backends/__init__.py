@@ -2,27 +2,32 @@
 
 ``masked``: a dense parameter plus a bool mask (any nn.Module, GPU friendly).
 ``sparse``: values plus indices (``regrow.nn.SparseLinear``), nothing of size out x in.
-Methods talk to both through :class:`regrow.backends.base.SparseTarget`.
+Methods talk to both through :class:`regrow.core.target.SparseTarget`.
 """
-from ..layers import Sparsifiable
-from ..optim_state import OptimizerStateMasker
-from .base import SparseTarget
+from ..core.layers import Sparsifiable
+from ..core.optim_state import OptimizerStateMasker
+from ..core.target import SparseTarget
+from ..nn.sparse_linear import SparseLinear
 from .masked import MaskedTarget
+from .sparse import SparseLinearTarget
 
-__all__ = ["SparseTarget", "MaskedTarget", "make_target", "owns_topology"]
+__all__ = ["SparseTarget", "MaskedTarget", "SparseLinearTarget", "make_target", "owns_topology"]
 
 
 def owns_topology(found: Sparsifiable) -> bool:
     """Whether the parameter's module stores its weight sparsely and fixes its own count."""
-    return hasattr(found.module, "make_regrow_target")
+    return isinstance(found.module, SparseLinear) or hasattr(found.module, "make_regrow_target")
 
 
 def make_target(found: Sparsifiable, budget: int, optimizer_state: OptimizerStateMasker) -> SparseTarget:
     """The backend target for one sparsifiable parameter.
 
-    A module that stores its weight sparsely provides ``make_regrow_target(name, budget,
-    optimizer_state)``; every other parameter is handled by the masked backend.
+    ``regrow.nn.SparseLinear`` gets the sparse backend (its count is its own: ``budget`` is not
+    used). Another layer that stores its weight sparsely can provide ``make_regrow_target(name,
+    budget, optimizer_state)``; every other parameter is handled by the masked backend.
     """
-    if owns_topology(found):
+    if isinstance(found.module, SparseLinear):
+        return SparseLinearTarget(found.name, found.module, optimizer_state)
+    if hasattr(found.module, "make_regrow_target"):
         return found.module.make_regrow_target(found.name, budget, optimizer_state)
     return MaskedTarget(found.name, found.param, found.module, budget, optimizer_state)

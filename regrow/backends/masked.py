@@ -6,10 +6,10 @@ import math
 import torch
 from torch import nn
 
-from ..capture import ActivationCapture
-from ..flat import and_bits_, keep_bits, put_flat
-from ..optim_state import OptimizerStateMasker
-from .base import SparseTarget
+from ..core.capture import ActivationCapture
+from ..core.flat import and_bits_, keep_bits, put_flat
+from ..core.optim_state import OptimizerStateMasker
+from ..core.target import SparseTarget
 
 
 class MaskedTarget(SparseTarget):

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import all_reduce_mean
+from ..core.distributed import all_reduce_mean
 from ..nn import _sparse_kernels
-from ..optim_state import OptimizerStateMasker
-from ..sorted_keys import contains, merge_positions, union_sorted
-from .base import SparseTarget
+from ..nn.sparse_linear import sampled_grad
+from ..core.optim_state import OptimizerStateMasker
+from ..core.sorted_keys import contains, merge_positions, union_sorted
+from ..core.target import SparseTarget
 
 #: ``mask`` (a dense bool tensor) is refused above this many entries
 DENSE_MASK_LIMIT = 1 << 26
@@ -138,7 +139,6 @@ class SparseLinearTarget(SparseTarget):
         if pair is None:
             raise RuntimeError(f"no inputs/output gradients were captured for '{self.name}' at this step; "
                                "the engine arms the capture before an update step's forward")
-        from ..nn.sparse_linear import sampled_grad
         h_t, delta_t = pair
         flat = flat.to(torch.long)
         r = torch.div(flat, self.cols, rounding_mode="floor").to(torch.int32)

@@ -13,8 +13,8 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ..backends.base import SparseTarget
-from ..selection import largest_k, smallest_k
+from ..core.target import SparseTarget
+from ..core.selection import largest_k, smallest_k
 
 GROW_INITS = ("zero", "random")
 REGISTRY: dict[str, type["Method"]] = {}

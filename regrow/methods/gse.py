@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ..sampling import SAMPLERS, sample_subset
+from ..core.sampling import SAMPLERS, sample_subset
 from .base import Method, register
 
 

@@ -5,7 +5,7 @@ the SET paper (``grow_init="zero"`` gives zero-initialised growth instead).
 """
 from __future__ import annotations
 
-from ..sampling import uniform_inactive
+from ..core.sampling import uniform_inactive
 from .base import Method, UpdateContext, register
 
 

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..selection import largest_k, smallest_k
+from ..core.selection import largest_k, smallest_k
 from .base import Method, UpdateContext, register
 
 # Per-row choice priority: kept weights first, then the best new candidates, and a

@@ -449,11 +449,6 @@ class SparseLinear(nn.Module):
             self.values.data = values.contiguous()
         self._topo = None
 
-    def make_regrow_target(self, name: str, budget: int, optimizer_state):
-        """The engine's hook: a sparse-backend target. ``budget`` is ignored (see the class doc)."""
-        from ..backends.sparse import SparseLinearTarget
-        return SparseLinearTarget(name, self, optimizer_state)
-
     # -- checkpoints with a different N ----------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

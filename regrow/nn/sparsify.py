@@ -5,7 +5,7 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from ..density import DISTRIBUTIONS, allocate_counts
+from ..core.density import DISTRIBUTIONS, allocate_counts
 from .sparse_linear import SparseLinear
 
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .backends.base import SparseTarget
+from .target import SparseTarget
 from .distributed import all_reduce_sum, global_rows
 from .selection import largest_k
 from .sorted_keys import merge_sorted, sorted_uniform_draws, union_sorted

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .report import _method_order, display_name  # noqa: E402
+from .labels import display_name, method_order  # noqa: E402
 
 MASK_MAX_NUMEL = 1_000_000   # layers drawn in masks.png: at most this many weights ...
 MASK_MAX_LAYERS = 3          # ... and at most this many per method
@@ -27,7 +27,7 @@ MASK_MAX_LAYERS = 3          # ... and at most this many per method
 def _colors(methods: list[str]) -> dict[str, tuple]:
     """One fixed colour per method, the same in every figure."""
     cmap = plt.get_cmap("tab10")
-    return {m: cmap(_method_order(m)[0] % 10) for m in methods}
+    return {m: cmap(method_order(m)[0] % 10) for m in methods}
 
 
 def _save(fig, path: Path) -> Path:

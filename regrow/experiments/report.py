@@ -12,11 +12,8 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .methods import METHODS
-from .train import read_metrics
-
-DISPLAY = {"dense": "Dense", "static": "Static", "set": "SET", "rigl": "RigL", "gse": "GSE",
-           "dstee": "DST-EE", "srigl": "SRigL", "gmp": "GMP"}
+from .labels import display_name, method_order
+from .runfiles import read_metrics
 # summary fields aggregated per cell
 FIELDS = ("test_accuracy", "best_test_accuracy", "final_density", "itop_rate", "train_flops_ratio",
           "inference_flops_ratio", "wall_seconds", "seconds_per_step")
@@ -27,10 +24,6 @@ SETUP_KEYS = ("model", "widths", "model_options", "dataset", "epochs", "batch_si
               "backend")
 # setup fields that describe how sparse runs train: the dense baseline need not share them
 _SPARSE_ONLY_KEYS = ("backend",)
-
-
-def display_name(method: str) -> str:
-    return DISPLAY.get(method, method)
 
 
 def collect_runs(root: str | Path) -> list[dict]:
@@ -56,10 +49,6 @@ def collect_runs(root: str | Path) -> list[dict]:
 def _stat(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
-
-
-def _method_order(method: str) -> tuple[int, str]:
-    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
 
 
 def _shared_setup(runs: list[dict]) -> dict:
@@ -96,7 +85,7 @@ def aggregate(runs: list[dict]) -> dict:
     for run in runs:
         groups.setdefault((run["method"], float(run["sparsity"])), []).append(run)
     cells = []
-    for (method, sparsity), members in sorted(groups.items(), key=lambda kv: (_method_order(kv[0][0]), kv[0][1])):
+    for (method, sparsity), members in sorted(groups.items(), key=lambda kv: (method_order(kv[0][0]), kv[0][1])):
         members.sort(key=lambda r: r["seed"])
         cell = {"method": method, "sparsity": sparsity, "n": len(members),
                 "seeds": [r["seed"] for r in members]}
@@ -111,7 +100,7 @@ def aggregate(runs: list[dict]) -> dict:
     return {
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "setup": setup,
-        "methods": sorted({c["method"] for c in sparse}, key=_method_order),
+        "methods": sorted({c["method"] for c in sparse}, key=method_order),
         "sparsities": sorted({c["sparsity"] for c in sparse}),
         "seeds": sorted({r["seed"] for r in runs}),
         "dense": dense[0] if dense else None,

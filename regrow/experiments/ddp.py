@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from .distributed import all_reduce_sum
+from ..core.distributed import all_reduce_sum
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,7 @@ class TrainFlops:
 
 def growth_cost(method) -> str:
     """Which gradient a method's update step needs, for :func:`step_flops`."""
-    from .methods.gse import GSE
+    from ..methods.gse import GSE
     if not getattr(method, "dynamic", False) or not getattr(method, "needs_grad", False):
         return "none"
     return "subset_grad" if isinstance(method, GSE) else "dense_grad"

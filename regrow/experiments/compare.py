@@ -14,7 +14,8 @@ import yaml
 
 from .checkpoint import checkpoint_path
 from .config import TrainConfig, describe_differences, from_dict
-from .train import CONFIG_NAME, read_summary, train
+from .runfiles import CONFIG_NAME, read_summary
+from .train import train
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from .._version import __version__
 from .config import FIELDS, TrainConfig, from_dict, load_yaml
 
 DEMO_METHODS = ("static", "set", "rigl", "gse", "dstee", "srigl")
@@ -218,7 +218,7 @@ def _log(args):
 
 
 def cmd_train(args) -> int:
-    from .ddp_train import process_group_from_env
+    from .ddp import process_group_from_env
     # under torchrun every rank runs this command: join the others; rank 0 alone reports
     with process_group_from_env() as group:
         return _train_command(args, quiet=args.quiet or not group.is_main)
@@ -297,7 +297,7 @@ def cmd_export(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "checkpoint.pt").is_file():
         raise CLIError(f"{run_dir} has no checkpoint.pt: not a run folder")
-    from .export import export_run
+    from .export_run import export_run
     result = export_run(run_dir, args.format, args.out)
     for layer in result.get("report", []):
         notes = f" ({layer['notes']})" if layer.get("notes") else ""

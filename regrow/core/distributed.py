@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .backends.base import SparseTarget
+from .target import SparseTarget
 
 
 def _signed(c: int) -> int:

@@ -13,11 +13,11 @@ from typing import Any
 
 import yaml
 
-from .data import DATASETS
-from .density import DISTRIBUTIONS
-from .methods import METHODS, REGISTRY, option_names
-from .models import MODELS
-from .schedules import DROP_SCHEDULES
+from ..data import DATASETS
+from ..core.density import DISTRIBUTIONS
+from ..methods import METHODS, REGISTRY, option_names
+from ..models import MODELS
+from ..core.schedules import DROP_SCHEDULES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")

@@ -52,3 +52,19 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} is not a regrow checkpoint (format {FORMAT_VERSION})")
     return state
+
+
+def rng_states() -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """The global RNGs that dropout and friends draw from: the CPU one, and every visible GPU's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"rng": torch.get_rng_state(), "cuda_rng": [s.cpu() for s in cuda]}
+
+
+def set_rng_states(state: dict) -> None:
+    """Restore :func:`rng_states`; checkpoints without GPU states (CPU runs, older files) load as
+    they are, and only the GPUs present now are restored (a run resumed on fewer devices)."""
+    torch.set_rng_state(state["rng"])
+    cuda = state.get("cuda_rng") or []
+    if cuda and torch.cuda.is_available():
+        for index, rng in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, index)

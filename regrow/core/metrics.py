@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .backends.base import SparseTarget
+from .target import SparseTarget
 
 
 def sparsity_stats(targets: Sequence[SparseTarget]) -> dict:
