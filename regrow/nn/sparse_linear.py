@@ -161,6 +161,13 @@ class _Capture:
         return torch.cat(self.h, 1), torch.cat([self.delta[i] for i in range(len(self.h))], 1)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:   # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _use_kernel(*tensors: torch.Tensor) -> _sparse_kernels.SparseKernels | None:
     if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return _sparse_kernels.load()
@@ -218,6 +225,12 @@ class _SparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        # a backward called inside an autocast region must not recast the sparse products
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _SparseLinearFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):
         x_t, values = ctx.saved_tensors
         topo: _Topology = ctx.topo
         g_t = grad_y.t().contiguous()
@@ -407,7 +420,9 @@ class SparseLinear(nn.Module):
         return w
 
     def topology(self) -> _Topology:
-        if self._topo is None:
+        # rebuilt when the index buffers were replaced: a rewire or a load resets it, and
+        # ``.to(device)`` swaps the buffers, which would leave the cached CSR/CSC on the old device
+        if self._topo is None or self._topo.row is not self.row_indices or self._topo.col is not self.col_indices:
             self._topo = _Topology(self.row_indices, self.col_indices, self.out_features, self.in_features)
         return self._topo
 
@@ -418,7 +433,14 @@ class SparseLinear(nn.Module):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         capture = self._capture if (self._armed and torch.is_grad_enabled() and self.values.requires_grad) else None
-        y = _SparseLinearFunction.apply(x2d, self.values, self.bias, self.topology(), capture)
+        if _autocast_enabled(x2d.device.type):
+            # autocast hands over bf16/fp16 activations while the values stay fp32, and would
+            # recast the sparse products too (MKL has no bf16 CSR matmul): run in the values' dtype
+            with torch.autocast(x2d.device.type, enabled=False):
+                y = _SparseLinearFunction.apply(x2d.to(self.values.dtype), self.values, self.bias,
+                                                self.topology(), capture)
+        else:
+            y = _SparseLinearFunction.apply(x2d, self.values, self.bias, self.topology(), capture)
         return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
 
     # -- used by the sparse backend --------------------------------------------------------
