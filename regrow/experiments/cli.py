@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the dense baseline (with --backend sparse it trains on the masked backend)")
     p.add_argument("--config", metavar="FILE", help="YAML file of training options shared by every run")
     p.add_argument("--out", metavar="DIR", default="runs/compare", help="folder of the comparison (default: runs/compare)")
+    p.add_argument("--vary", action="append", metavar="KEY=V1,V2,...",
+                   help="also vary a method option or training flag over these values (repeatable: a grid), "
+                        "e.g. --vary gamma=0.25,0.5,1,2,4 or --vary widths=300x100,1200x400; 'none' is a "
+                        "method option's own default")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="write the tables only")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-run lines")
     add_config_flags(p, exclude=("method", "sparsity"))
@@ -252,10 +256,12 @@ def _train_command(args, *, quiet: bool) -> int:
     return 0
 
 
-def _compare(base: TrainConfig, methods, sparsities, seeds, out, *, dense: bool, plots: bool, args) -> dict:
+def _compare(base: TrainConfig, methods, sparsities, seeds, out, *, dense: bool, plots: bool, args,
+             vary: dict | None = None) -> dict:
     from .compare import run_compare
     from .report import write_report
-    run_compare(base, methods, sparsities, seeds, out, dense=dense, progress=_show_progress(args), log=_log(args))
+    run_compare(base, methods, sparsities, seeds, out, dense=dense, progress=_show_progress(args), log=_log(args),
+                vary=vary)
     return write_report(out, plots=plots)
 
 
@@ -272,7 +278,13 @@ def cmd_compare(args) -> int:
         raise CLIError(f"--seeds must be >= 1, got {args.seeds}")
     base = resolve_config(args)
     seeds = list(range(base.seed, base.seed + args.seeds))
-    report = _compare(base, args.methods, args.sparsities, seeds, args.out, dense=args.dense, plots=args.plots, args=args)
+    from .grid import parse_vary
+    try:
+        vary = parse_vary(args.vary or [])
+    except ValueError as err:
+        raise CLIError(str(err).replace("config key '", "key '")) from None
+    report = _compare(base, args.methods, args.sparsities, seeds, args.out, dense=args.dense, plots=args.plots,
+                      args=args, vary=vary)
     _print_report(report, args.quiet)
     return 0
 

@@ -2,18 +2,21 @@
 
 Runs go sequentially in this process (the machines this targets have few cores). A run
 whose ``summary.json`` exists is skipped, one with only a checkpoint is resumed, so an
-interrupted comparison is continued by running the same command again.
+interrupted comparison is continued by running the same command again. ``--vary`` adds a grid
+of settings (see :mod:`.grid`).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
 from .checkpoint import checkpoint_path
-from .config import TrainConfig, describe_differences, from_dict
+from .config import METHOD_OPTIONS, TrainConfig, describe_differences, from_dict
+from .grid import changed_settings
 from .runfiles import CONFIG_NAME, read_summary
 from .train import train
 
@@ -25,16 +28,23 @@ class RunSpec:
     method: str
     sparsity: float
     seed: int
+    #: grid settings that differ from the base configuration, as (key, value) pairs
+    settings: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
+        from .grid import value_label
+        grid = "".join(f"-{key}{value_label(value)}" for key, value in self.settings)
         if self.method == "dense":
-            return f"dense-seed{self.seed}"
-        return f"{self.method}-sp{self.sparsity:g}-seed{self.seed}"
+            return f"dense{grid}-seed{self.seed}"
+        return f"{self.method}-sp{self.sparsity:g}{grid}-seed{self.seed}"
 
 
-def plan(methods: list[str], sparsities: list[float], seeds: list[int], dense: bool = True) -> list[RunSpec]:
-    """The runs of a comparison: per seed a dense baseline (optional) then every method x sparsity."""
+def plan(methods: list[str], sparsities: list[float], seeds: list[int], dense: bool = True,
+         vary: dict[str, list] | None = None, base: TrainConfig | None = None) -> list[RunSpec]:
+    """The runs of a comparison: per seed a dense baseline (optional) then every method x sparsity,
+    for every point of the ``vary`` grid (each run only once: a setting that does not apply to a
+    method, or equals ``base``, does not multiply its runs)."""
     if not methods:
         raise ValueError("--methods is empty")
     if "dense" in methods:
@@ -44,12 +54,16 @@ def plan(methods: list[str], sparsities: list[float], seeds: list[int], dense: b
         raise ValueError("--sparsity is empty")
     if len(set(methods)) != len(methods) or len(set(sparsities)) != len(sparsities):
         raise ValueError("--methods and --sparsity must not repeat values")
-    specs = []
+    vary = vary or {}
+    base = base or TrainConfig()
+    combos = [dict(zip(vary, values)) for values in itertools.product(*vary.values())]
+    specs: list[RunSpec] = []
     for seed in seeds:
-        if dense:
-            specs.append(RunSpec("dense", 0.0, seed))
-        specs += [RunSpec(m, s, seed) for m in methods for s in sparsities]
-    return specs
+        for combo in combos:
+            if dense:
+                specs.append(RunSpec("dense", 0.0, seed, changed_settings(base, "dense", combo)))
+            specs += [RunSpec(m, s, seed, changed_settings(base, m, combo)) for m in methods for s in sparsities]
+    return list(dict.fromkeys(specs))   # drop repeats, keep the order
 
 
 def run_config(base: TrainConfig, spec: RunSpec) -> TrainConfig:
@@ -58,22 +72,32 @@ def run_config(base: TrainConfig, spec: RunSpec) -> TrainConfig:
     The dense baseline trains every weight, which the always-sparse backend cannot do: under
     ``backend="sparse"`` it runs on the masked backend (the same dense layers, no mask).
     """
-    cfg = base.replace(method=spec.method, sparsity=spec.sparsity, seed=spec.seed)
+    cfg = base.replace(method=spec.method, sparsity=spec.sparsity, seed=spec.seed, **dict(spec.settings))
     if spec.method == "dense" and cfg.backend == "sparse":
         cfg = cfg.replace(backend="masked")
     keep = cfg.method_options(strict=False)
-    cleared = {key: None for key in ("grow_init", "gamma", "sampling", "c", "eps", "gamma_sal", "ablation",
-                                     "begin_fraction")}
+    cleared = {key: None for key in METHOD_OPTIONS}
     cleared.update(keep)
     return cfg.replace(**cleared)
 
 
+def _merged_grid(path: Path, vary: dict[str, list]) -> dict[str, list]:
+    """The grid recorded so far in ``path`` with ``vary``'s keys and values added: a folder keeps
+    describing every run in it when commands with other (or no) ``--vary`` add to it."""
+    recorded = dict((yaml.safe_load(path.read_text()) or {}).get("vary") or {}) if path.is_file() else {}
+    for key, values in vary.items():
+        known = recorded.setdefault(key, [])
+        known += [v for v in values if v not in known]
+    return recorded
+
+
 def run_compare(base: TrainConfig, methods: list[str], sparsities: list[float], seeds: list[int], out: str | Path,
-                *, dense: bool = True, progress: bool = False,
+                *, dense: bool = True, progress: bool = False, vary: dict[str, list] | None = None,
                 log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run (or skip, or resume) every run of the matrix into ``out``; returns their summaries."""
+    """Run (or skip, or resume) every run of the matrix (and ``vary`` grid) into ``out``;
+    returns their summaries."""
     out = Path(out)
-    specs = plan(methods, sparsities, seeds, dense)
+    specs = plan(methods, sparsities, seeds, dense, vary, base)
     configs = [(spec, run_config(base, spec).validate()) for spec in specs]
     # refuse to mix runs made with another configuration before spending any time (and before
     # touching compare.yaml, which describes the runs already there)
@@ -86,7 +110,8 @@ def run_compare(base: TrainConfig, methods: list[str], sparsities: list[float], 
                                  "use another --out or remove that run")
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.yaml").write_text(yaml.safe_dump(
-        {"methods": methods, "sparsity": sparsities, "seeds": seeds, "dense": dense, "base": base.to_dict()},
+        {"methods": methods, "sparsity": sparsities, "seeds": seeds, "dense": dense,
+         "vary": _merged_grid(out / "compare.yaml", vary or {}), "base": base.to_dict()},
         sort_keys=False))
 
     from tqdm.auto import tqdm

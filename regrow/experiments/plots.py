@@ -5,7 +5,9 @@
 - ``accuracy_curves.png``: test accuracy per epoch, one panel per sparsity;
 - ``itop_rate.png``: ITOP rate (fraction of weights ever active) per epoch;
 - ``layer_density.png``: per-layer density of each method at the highest sparsity;
-- ``masks.png``: the final masks of small layers (read from the runs' checkpoints).
+- ``masks.png``: the final masks of small layers (read from the runs' checkpoints);
+- ``accuracy_vs_<key>.png`` (``compare --vary``): test accuracy against the first varied key,
+  one panel per sparsity, a line per method with error bars over seeds.
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ def _save(fig, path: Path) -> Path:
 def _title(results: dict) -> str:
     setup = results["setup"]
     widths = setup.get("widths")
-    model = setup["model"] + (f" {'-'.join(map(str, widths))}" if isinstance(widths, list) and widths else "")
-    return f"{model} on {setup['dataset']}, {setup['epochs']} epochs"
+    model = setup.get("model", "model") + (f" {'-'.join(map(str, widths))}" if isinstance(widths, list) and widths else "")
+    epochs = f", {setup['epochs']} epochs" if "epochs" in setup else ""
+    return f"{model} on {setup.get('dataset', '?')}{epochs}"
 
 
 def plot_accuracy_vs_sparsity(results: dict, path: Path) -> Path:
@@ -178,11 +181,57 @@ def plot_masks(runs: list[dict], results: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_accuracy_vs_setting(results: dict, path: Path) -> Path:
+    """Accuracy against the first ``--vary`` key (other varied keys at their first value)."""
+    from .grid import find_cell, value_label
+    vary = results["vary"]
+    key, *others = list(vary)
+    fixed = {k: vary[k][0] for k in others}
+    values = vary[key]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+    xs = list(values) if numeric else list(range(len(values)))
+    sparsities = results["sparsities"] or [0.0]
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(4.4 * len(sparsities), 3.6), squeeze=False, sharey=True)
+    colors = _colors(results["methods"] + ["dense"])
+    for ax, sparsity in zip(axes[0], sparsities):
+        for method in (["dense"] if results["dense_cells"] else []) + results["methods"]:
+            pool = results["dense_cells"] if method == "dense" else results["cells"]
+            cells = [find_cell(pool, method, None if method == "dense" else sparsity, {**fixed, key: v}) for v in values]
+            points = [(x, c) for x, c in zip(xs, cells) if c is not None]
+            if not points:
+                continue
+            style = {"linestyle": "--", "color": "black"} if method == "dense" else {"color": colors[method]}
+            if len({id(c) for _, c in points}) == 1:   # the setting does not apply: a reference line
+                style["linestyle"] = ":" if method != "dense" else "--"
+            ax.errorbar([x for x, _ in points], [100 * c["test_accuracy"]["mean"] for _, c in points],
+                        yerr=[100 * c["test_accuracy"]["std"] for _, c in points], marker="o", capsize=3,
+                        label=display_name(method), **style)
+        if numeric and max(values) / min(values) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [value_label(v) for v in values])
+        ax.set_xlabel(key)
+        ax.set_title(f"sparsity {100 * sparsity:g}%" + "".join(f", {k}={value_label(v)}" for k, v in fixed.items()),
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(_title(results) + f", {len(results['seeds'])} seed(s)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def write_plots(runs: list[dict], results: dict, folder: str | Path) -> list[Path]:
     """Every figure that the runs allow; returns the paths written."""
     folder = Path(folder)
     written = []
-    if results["cells"]:
+    if results.get("vary"):
+        from .grid import applies
+        written.append(plot_accuracy_vs_setting(results, folder / f"accuracy_vs_{next(iter(results['vary']))}.png"))
+        # the per-run figures below show the grid's first point
+        first = {k: v[0] for k, v in results["vary"].items()}
+        runs = [r for r in runs if all(r.get("config", {}).get(k) == v for k, v in first.items()
+                                       if applies(r["method"], k))]
+    elif results["cells"]:
         written.append(plot_accuracy_vs_sparsity(results, folder / "accuracy_vs_sparsity.png"))
     written.append(plot_accuracy_curves(runs, results, folder / "accuracy_curves.png"))
     written.append(plot_itop(runs, results, folder / "itop_rate.png"))
