@@ -2,7 +2,11 @@
 
 Growth criteria that work from the factorised gradient dL/dW[o, i] = sum_b delta[b, o] h[b, i]
 (GSE's subset gradients, GraBo and GraEst sampling) need h and delta of the update step's
-batch only; hooks are armed just before that step's forward and removed after it.
+batch only; the capture is armed just before that step's forward and disarmed after it.
+
+The forward hook itself is registered once, when the capture is made, and does nothing while
+disarmed: ``torch.compile`` does not see hooks added after a model's first compiled call, so a
+hook added only at the update step would silently capture nothing in a compiled model.
 """
 from __future__ import annotations
 
@@ -15,21 +19,21 @@ class ActivationCapture:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self._handle = None
+        self._armed = False
         self._inputs: list[torch.Tensor] = []
         self._grads: dict[int, torch.Tensor] = {}
+        self._handle = module.register_forward_hook(self._on_forward)
 
     def arm(self) -> None:
-        if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._on_forward)
+        self._armed = True
 
     def disarm(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._armed = False
         self._inputs, self._grads = [], {}
 
     def _on_forward(self, module, inputs, output) -> None:
+        if not self._armed:
+            return
         if not torch.is_grad_enabled() or not output.requires_grad:
             return  # an evaluation pass between training steps: not the update batch
         call = len(self._inputs)

@@ -49,14 +49,19 @@ def comm_device() -> torch.device:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (or DataParallel); any other model as is.
+    """The module inside DistributedDataParallel (or DataParallel) and inside ``torch.compile``'s
+    wrapper; any other model as is.
 
     Sparsify the unwrapped model so that parameter names, masks and checkpoints are the same
-    with and without DDP (no ``module.`` prefix).
+    with and without DDP or compilation (no ``module.`` or ``_orig_mod.`` prefix).
     """
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):   # torch.compile(model)
+            model = model._orig_mod
+        else:
+            return model
 
 
 # -- making per-rank statistics global ---------------------------------------------------------

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from .target import SparseTarget
 
 
@@ -28,3 +30,10 @@ def sparsity_stats(targets: Sequence[SparseTarget]) -> dict:
         ever += t.ever_active_count()
     return {"density": nnz / numel, "nnz": nnz, "numel": numel, "itop_rate": ever / numel,
             "layers": layers}
+
+
+def rewired_counts(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """``{"dropped", "grown"}``: how many active flat indices one update removed and added,
+    from the sorted active indices before and after it."""
+    kept = int(torch.isin(before, after, assume_unique=True).sum())
+    return {"dropped": before.numel() - kept, "grown": after.numel() - kept}
