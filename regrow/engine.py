@@ -12,6 +12,8 @@ from .core.density import DISTRIBUTIONS, allocate_counts
 from .core.distributed import check_masks_agree, unwrap
 from .core.layers import find_sparsifiable
 from .methods import METHODS, REGISTRY, UpdateContext, make_method
+from .methods.base import FirstStep
+from .core.first_input import FirstInputShape
 from .core.metrics import sparsity_stats
 from .core.optim_state import OptimizerStateMasker, check_optimizer
 from .core.schedules import UpdateSchedule
@@ -61,7 +63,8 @@ class DynamicSparsity:
             ("uniform", "grabo", "graest"), ``grow_init``;
             dstee: ``c`` (1e-3), ``eps`` (1.0), ``grow_init``;
             srigl: ``gamma_sal`` (0.3), ``ablation`` (True), ``grow_init``;
-            gmp: ``begin_fraction`` (0.0).
+            gmp: ``begin_fraction`` (0.0);
+            snip, grasp: ``scope`` ("global", or "layer"); synflow: ``rounds`` (100), ``scope``.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str,
@@ -115,6 +118,8 @@ class DynamicSparsity:
         self._updates = 0
         if self.check_masks:
             check_masks_agree(self.targets, 0)   # per-rank seeds show here (static never updates)
+        # pruning at init: the first forward's input shape is noted, the masks decided in step 1
+        self._first_input = FirstInputShape(model) if self.method.decides_at_first_step else None
         self._arm_capture()
 
     # -- the public surface --------------------------------------------------------------
@@ -127,8 +132,14 @@ class DynamicSparsity:
     def step_count(self) -> int:
         return self._step
 
-    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+    def step(self, scaler: torch.amp.GradScaler | None = None, closure=None) -> None:
         """Optimizer step with masked gradients, masks re-applied, topology update when due.
+
+        Pruning at init (snip, grasp, synflow): the first forward and backward run on the dense
+        network; the first ``step()`` decides the masks (zeroing pruned weights, their gradients
+        and optimizer state) before the optimizer steps. GraSP needs ``closure``, a function
+        recomputing the first batch's loss with its graph: ``dst.step(closure=lambda:
+        loss_fn(model(x), y))``; other methods never call it.
 
         With mixed precision, pass the ``torch.amp.GradScaler``::
 
@@ -142,6 +153,8 @@ class DynamicSparsity:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         t = self._step + 1
+        if t == 1 and self.method.decides_at_first_step:
+            self._decide_masks(closure)
         due = self.method.dynamic and self.schedule.is_update(t)
         # only a method that reads gradients is misled by a non-finite one (GMP must not skip)
         if due and self.method.needs_grad and not all(target.grad_is_finite() for target in self.targets):
@@ -201,6 +214,9 @@ class DynamicSparsity:
         self.method.load_state_dict(state["method"])
         self.generator.set_state(state["generator"])
         self._step, self._updates = int(state["step"]), int(state["updates"])
+        if self._step > 0 and self._first_input is not None:
+            self._first_input.remove()   # the checkpoint's masks were decided already
+            self._first_input = None
         for t in self.targets:
             t.release()
         self._arm_capture()
@@ -208,6 +224,22 @@ class DynamicSparsity:
             check_masks_agree(self.targets, self._step)
 
     # -- internals -----------------------------------------------------------------------
+    def _decide_masks(self, closure) -> None:
+        """Pruning at init: the method sets every mask from step 1's gradients, input or loss."""
+        shape = self._first_input.shape if self._first_input is not None else None
+        if self._first_input is not None:
+            self._first_input.remove()
+            self._first_input = None
+        for target in self.targets:
+            if not target.grad_is_finite():
+                raise ValueError(f"method '{self.method.name}' decides its masks at the first step, but "
+                                 f"the gradient of '{target.name}' is not finite there")
+            target.snapshot_grad()
+        first = FirstStep(model=self.model, input_shape=shape, closure=closure, generator=self.generator)
+        self.method.decide_masks(self.targets, first)
+        if self.check_masks:
+            check_masks_agree(self.targets, 1)
+
     def _update_topology(self, t: int) -> None:
         ctx = UpdateContext(step=t, fraction=self.schedule.fraction(t), generator=self.generator)
         with torch.no_grad():

@@ -21,7 +21,8 @@ def _dst(model=None, optimizer=None, **kw):
 
 
 def test_methods_tuple():
-    assert regrow.METHODS == ("dense", "static", "set", "rigl", "gse", "dstee", "srigl", "gmp")
+    assert regrow.METHODS == ("dense", "static", "set", "rigl", "gse", "dstee", "srigl", "gmp",
+                              "snip", "grasp", "synflow")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -41,6 +41,7 @@ def _opt(default: Any, help: str, kind: str, *, choices: tuple | None = None,
 METHOD_OPTIONS = {
     "grow_init": "grow_init", "gamma": "gamma", "sampling": "sampling", "c": "c", "eps": "eps",
     "gamma_sal": "gamma_sal", "ablation": "ablation", "begin_fraction": "begin_fraction",
+    "scope": "scope", "rounds": "rounds",
 }
 
 
@@ -118,6 +119,9 @@ class TrainConfig:
                                  "obool", group="method options")
     begin_fraction: float | None = _opt(None, "gmp: start pruning at this fraction of training (0.0)",
                                         "float", group="method options")
+    scope: str | None = _opt(None, "snip, grasp, synflow: rank all layers together or each layer on its "
+                             "own (global)", "str", choices=("global", "layer"), group="method options")
+    rounds: int | None = _opt(None, "synflow: pruning rounds (100)", "int", group="method options")
 
     # -- derived -------------------------------------------------------------------------------
     def method_options(self, *, strict: bool = True) -> dict:

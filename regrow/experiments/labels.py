@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..methods import METHODS
 
 DISPLAY = {"dense": "Dense", "static": "Static", "set": "SET", "rigl": "RigL", "gse": "GSE",
-           "dstee": "DST-EE", "srigl": "SRigL", "gmp": "GMP"}
+           "dstee": "DST-EE", "srigl": "SRigL", "gmp": "GMP",
+           "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow"}
 
 
 def display_name(method: str) -> str:

@@ -78,9 +78,11 @@ def train_epoch(run: Run, net, epoch: int, first: int, sums: EpochSums, *, progr
             subset = {name: gse_subset_fraction(nnz, numel, dst.method.gamma, frac)
                       for name, (nnz, numel) in layer_counts.items()}
         run.flops.add_step(layer_density, len(idx) * group.world_size, run.growth if update else "none", subset)
-        dst.step()
+        first = dst.step_count == 0
+        # grasp decides its masks from the first batch's loss, recomputed with a graph
+        dst.step(closure=lambda: run.loss_fn(net(x), y))
         run.scheduler.step()
-        if update:
+        if update or first:   # pruning at init sets its masks inside the first step
             layer_density, layer_counts = densities(run), counts(run)
 
         sums.loss_sum += float(loss.detach()) * len(idx)

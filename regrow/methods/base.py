@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -28,6 +28,21 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 def option_names(cls: type["Method"]) -> list[str]:
     return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+@dataclass(frozen=True)
+class FirstStep:
+    """What a method that decides its masks at the first ``step()`` can read (pruning at init).
+
+    ``model``: the network (dense until the decision); ``input_shape``: shape of the first
+    forward's input (None if no forward was seen); ``closure``: the ``closure`` passed to that
+    ``step()``, recomputing the first batch's loss with its graph (None when not given).
+    """
+
+    model: "torch.nn.Module"
+    input_shape: tuple | None
+    closure: "Callable[[], torch.Tensor] | None"
+    generator: torch.Generator
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,8 @@ class Method:
     sparse_backend_refusal: ClassVar[str] = (
         "ranks every inactive connection by its dense gradient, an out x in tensor the "
         "always-sparse backend never builds")
+    #: pruning at initialisation: the engine calls decide_masks inside the first step()
+    decides_at_first_step: ClassVar[bool] = False
 
     def __init__(self, *, grow_init: str = "zero"):
         if grow_init not in GROW_INITS:
@@ -77,6 +94,10 @@ class Method:
         """Random masks with each layer's exact budget (a fixed random sparse network)."""
         for t in targets:
             t.set_mask(random_mask(t, t.budget, gen))
+
+    def decide_masks(self, targets: Sequence[SparseTarget], first: FirstStep) -> None:
+        """Pruning at init: set every mask from the first step (gradients are snapshotted)."""
+        raise NotImplementedError(f"method '{self.name}' does not decide masks at the first step")
 
     # -- one topology update -------------------------------------------------------------
     @staticmethod
