@@ -64,7 +64,8 @@ class DynamicSparsity:
             dstee: ``c`` (1e-3), ``eps`` (1.0), ``grow_init``;
             srigl: ``gamma_sal`` (0.3), ``ablation`` (True), ``grow_init``;
             gmp: ``begin_fraction`` (0.0);
-            snip, grasp: ``scope`` ("global", or "layer"); synflow: ``rounds`` (100), ``scope``.
+            snip, grasp: ``scope`` ("global", or "layer"); synflow: ``rounds`` (100), ``scope``;
+            snfs: ``momentum`` (0.9, smoothing of its running dense-gradient mean), ``grow_init``.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str,
@@ -164,6 +165,8 @@ class DynamicSparsity:
         if due and self.method.needs_grad:
             for target in self.targets:
                 target.snapshot_grad()
+        if self.method.observes_gradients:
+            self._observe_gradients(t)
         masked = self.method.masked
         for target in self.targets if masked else ():
             target.mask_grad()
@@ -224,6 +227,16 @@ class DynamicSparsity:
             check_masks_agree(self.targets, self._step)
 
     # -- internals -----------------------------------------------------------------------
+    def _observe_gradients(self, t: int) -> None:
+        """Methods that smooth the dense gradient (SNFS's momentum) see it at every step."""
+        if not all(target.grad_is_finite() for target in self.targets):
+            warnings.warn(f"regrow: non-finite gradient at step {t}; method '{self.method.name}' does not "
+                          "add it to its running gradient statistics", RuntimeWarning, stacklevel=3)
+            return
+        for target in self.targets:
+            target.snapshot_grad()
+        self.method.observe_gradients(self.targets)
+
     def _decide_masks(self, closure) -> None:
         """Pruning at init: the method sets every mask from step 1's gradients, input or loss."""
         shape = self._first_input.shape if self._first_input is not None else None

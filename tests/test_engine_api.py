@@ -22,7 +22,7 @@ def _dst(model=None, optimizer=None, **kw):
 
 def test_methods_tuple():
     assert regrow.METHODS == ("dense", "static", "set", "rigl", "gse", "dstee", "srigl", "gmp",
-                              "snip", "grasp", "synflow")
+                              "snip", "grasp", "synflow", "snfs")
 
 
 @pytest.mark.parametrize("kwargs, message", [

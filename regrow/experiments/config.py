@@ -41,7 +41,7 @@ def _opt(default: Any, help: str, kind: str, *, choices: tuple | None = None,
 METHOD_OPTIONS = {
     "grow_init": "grow_init", "gamma": "gamma", "sampling": "sampling", "c": "c", "eps": "eps",
     "gamma_sal": "gamma_sal", "ablation": "ablation", "begin_fraction": "begin_fraction",
-    "scope": "scope", "rounds": "rounds",
+    "scope": "scope", "rounds": "rounds", "momentum_beta": "momentum",
 }
 
 
@@ -122,6 +122,8 @@ class TrainConfig:
     scope: str | None = _opt(None, "snip, grasp, synflow: rank all layers together or each layer on its "
                              "own (global)", "str", choices=("global", "layer"), group="method options")
     rounds: int | None = _opt(None, "synflow: pruning rounds (100)", "int", group="method options")
+    momentum_beta: float | None = _opt(None, "snfs: smoothing of its running dense-gradient mean (0.9)",
+                                       "float", group="method options")
 
     # -- derived -------------------------------------------------------------------------------
     def method_options(self, *, strict: bool = True) -> dict:

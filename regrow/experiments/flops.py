@@ -187,6 +187,8 @@ class TrainFlops:
 def growth_cost(method) -> str:
     """Which gradient a method's update step needs, for :func:`step_flops`."""
     from ..methods.gse import GSE
+    if getattr(method, "observes_gradients", False):
+        return "dense_grad"   # SNFS: the dense gradient at every step (the loop charges each one)
     if not getattr(method, "dynamic", False) or not getattr(method, "needs_grad", False):
         return "none"
     return "subset_grad" if isinstance(method, GSE) else "dense_grad"

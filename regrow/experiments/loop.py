@@ -77,7 +77,9 @@ def train_epoch(run: Run, net, epoch: int, first: int, sums: EpochSums, *, progr
             frac = dst.schedule.fraction(t_next)
             subset = {name: gse_subset_fraction(nnz, numel, dst.method.gamma, frac)
                       for name, (nnz, numel) in layer_counts.items()}
-        run.flops.add_step(layer_density, len(idx) * group.world_size, run.growth if update else "none", subset)
+        dense_every_step = dst.method.observes_gradients   # snfs reads the dense gradient at every step
+        run.flops.add_step(layer_density, len(idx) * group.world_size,
+                           run.growth if update or dense_every_step else "none", subset)
         first = dst.step_count == 0
         # grasp decides its masks from the first batch's loss, recomputed with a graph
         dst.step(closure=lambda: run.loss_fn(net(x), y))

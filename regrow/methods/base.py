@@ -75,6 +75,8 @@ class Method:
         "always-sparse backend never builds")
     #: pruning at initialisation: the engine calls decide_masks inside the first step()
     decides_at_first_step: ClassVar[bool] = False
+    #: the engine calls observe_gradients with every step's (unmasked) gradients
+    observes_gradients: ClassVar[bool] = False
 
     def __init__(self, *, grow_init: str = "zero"):
         if grow_init not in GROW_INITS:
@@ -94,6 +96,10 @@ class Method:
         """Random masks with each layer's exact budget (a fixed random sparse network)."""
         for t in targets:
             t.set_mask(random_mask(t, t.budget, gen))
+
+    def observe_gradients(self, targets: Sequence[SparseTarget]) -> None:
+        """Every step, before the gradients are masked (``target.dense_grad()``; a layer
+        without a gradient this step has ``grad_available()`` False)."""
 
     def decide_masks(self, targets: Sequence[SparseTarget], first: FirstStep) -> None:
         """Pruning at init: set every mask from the first step (gradients are snapshotted)."""

@@ -1,0 +1,121 @@
+"""Issue 16's dynamic methods (snfs, ...): each rule against an independent computation in the
+test, and the invariants every method keeps (exact total, zeros stay zero in the weights and
+the optimizer state, same seed same masks, bitwise resume)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from helpers import batches, build, mlp, train_step
+from regrow.methods.snfs import proportional_counts
+
+DYNAMIC_NEW = [("snfs", {})]
+
+
+# -- SNFS ----------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), st.integers(0, 50)), min_size=1, max_size=6), st.data())
+def test_proportional_counts_sum_cap_and_proportion(layers, data):
+    weights, caps = [w for w, _ in layers], [c for _, c in layers]
+    total = data.draw(st.integers(0, sum(caps)))
+    counts = proportional_counts(total, weights, caps)
+    assert sum(counts) == total
+    assert all(0 <= c <= cap for c, cap in zip(counts, caps))
+    mass = sum(weights)
+    if mass > 0 and all(total * w / mass < cap for w, cap in zip(weights, caps)):
+        # no cap binds: every share is its exact proportion, rounded by less than one
+        assert all(abs(c - total * w / mass) < 1 for c, w in zip(counts, weights))
+
+
+def test_snfs_redistributes_by_mean_momentum_and_grows_by_momentum():
+    beta = 0.9
+    # uniform 90%: no layer can be asked to regrow more than it has inactive (caps: see above)
+    model, optimizer, dst = build("snfs", model=mlp(seed=4), sparsity=0.9, distribution="uniform", total_steps=40,
+                                  update_interval=4, momentum=beta, drop_fraction=0.5)
+    params = dict(model.named_parameters())
+    ema = {t.name: torch.zeros_like(params[t.name]) for t in dst.targets}
+    data = batches(4, seed=8)
+    for i, (x, y) in enumerate(data):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for n in ema:   # the reference running mean of the dense gradient
+            ema[n] = beta * ema[n] + (1 - beta) * params[n].grad
+        before = {n: m.clone() for n, m in dst.masks.items()}
+        dst.step()
+    assert dst.stats()["updates"] == 1
+    for n in ema:
+        assert torch.allclose(dst.method.buffers[n].view_as(ema[n]), ema[n], atol=1e-7)
+    dropped = {n: int((before[n] & ~dst.masks[n]).sum()) for n in before}
+    grown = {n: (dst.masks[n] & ~before[n]) for n in before}
+    total = sum(dropped.values())
+    assert total > 0 and total == sum(int(g.sum()) for g in grown.values())
+    assert dropped == {n: int(dst.schedule.fraction(4) * int(before[n].sum())) for n in before}
+    mean_m = {n: float(ema[n][before[n]].abs().mean()) for n in before}
+    mass = sum(mean_m.values())
+    for n in before:
+        share = total * mean_m[n] / mass
+        r = int(grown[n].sum())
+        assert abs(r - share) < 1, (n, r, share)
+        # the r inactive-before connections of largest |momentum|
+        score = ema[n].abs().masked_fill(before[n], -1).view(-1)
+        expected = torch.zeros_like(score, dtype=torch.bool)
+        expected[torch.sort(score, descending=True, stable=True).indices[:r]] = True
+        assert torch.equal(grown[n].view(-1), expected), n
+    counts = [t.nnz for t in dst.targets]
+    assert counts != [t.budget for t in dst.targets], "layer counts move with the momentum"
+
+
+# -- invariants for every new dynamic method ----------------------------------------------------
+@pytest.mark.parametrize("method,options", DYNAMIC_NEW)
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_total_is_exact_and_zeros_stay_zero(method, options, opt):
+    model, optimizer, dst = build(method, opt=opt, total_steps=24, update_interval=3, **options)
+    params = dict(model.named_parameters())
+    total = sum(t.budget for t in dst.targets)
+    for x, y in batches(20, seed=1):
+        train_step(model, optimizer, dst, x, y)
+        assert sum(t.nnz for t in dst.targets) == total
+        for t in dst.targets:
+            mask = t.mask
+            assert (params[t.name].detach()[~mask] == 0).all()
+            for buf in optimizer.state[params[t.name]].values():
+                if isinstance(buf, torch.Tensor) and buf.shape == mask.shape:
+                    assert (buf[~mask] == 0).all()
+    assert dst.stats()["updates"] > 0
+
+
+@pytest.mark.parametrize("method,options", DYNAMIC_NEW)
+def test_same_seed_same_masks_and_bitwise_resume(method, options, tmp_path):
+    data = batches(24, seed=11)
+
+    def run(model_seed, seed, steps):
+        model, optimizer, dst = build(method, model=mlp(seed=model_seed), opt="adam", total_steps=24,
+                                      update_interval=3, seed=seed, **options)
+        for x, y in steps:
+            train_step(model, optimizer, dst, x, y)
+        return model, optimizer, dst
+
+    model_a, _, dst_a = run(2, 5, data)
+    _, _, dst_same = run(2, 5, data)
+    _, _, dst_other = run(2, 6, data)
+    assert all(torch.equal(dst_a.masks[n], dst_same.masks[n]) for n in dst_a.masks)
+    assert any(not torch.equal(dst_a.masks[n], dst_other.masks[n]) for n in dst_a.masks)
+    model_b, opt_b, dst_b = run(2, 5, data[:10])
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "dst": dst_b.state_dict()},
+               tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model_c, opt_c, dst_c = run(9, 5, [])
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    dst_c.load_state_dict(ckpt["dst"])
+    for x, y in data[10:]:
+        train_step(model_c, opt_c, dst_c, x, y)
+    for (name, pa), (_, pc) in zip(model_a.named_parameters(), model_c.named_parameters()):
+        assert torch.equal(pa, pc), f"{name} differs after resume"
+    assert all(torch.equal(dst_a.masks[n], dst_c.masks[n]) for n in dst_a.masks)
+    assert dst_a.stats() == dst_c.stats()
