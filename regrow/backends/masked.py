@@ -34,6 +34,7 @@ class MaskedTarget(SparseTarget):
         # h and delta of a Linear describe its weight only (not its bias or extra parameters)
         is_weight = isinstance(module, nn.Linear) and param is module.weight
         self.capture = ActivationCapture(module) if is_weight else None
+        self.captures_activations = self.capture is not None
         self._grad: torch.Tensor | None = None
 
     # -- reading -------------------------------------------------------------------------

@@ -52,3 +52,19 @@ class ActivationCapture:
         h = torch.cat(self._inputs)
         delta = torch.cat([self._grads[i] for i in range(len(self._inputs))])
         return h, delta
+
+
+def check_captured(targets) -> None:
+    """Raise when an update step that reads activations captured them for none of the layers.
+
+    A layer whose module is not called by its parent (nn.MultiheadAttention's out_proj) falls
+    back to its dense gradient's marginals by design; every layer coming back empty means the
+    hooks never ran, which is what a model compiled before the hooks existed does.
+    """
+    expected = [t for t in targets if t.captures_activations and t.grad_available()]
+    if expected and all(t.activations() is None for t in expected):
+        raise RuntimeError(
+            f"regrow: no layer inputs/output gradients were captured at this update step (none of "
+            f"{len(expected)} layers, e.g. '{expected[0].name}'): the forward hooks did not run. Under torch.compile, "
+            "build DynamicSparsity before the compiled model's first call, or call torch._dynamo.reset() "
+            "after building it")

@@ -6,6 +6,7 @@ Biases, norms and embeddings stay dense unless named explicitly.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -56,33 +57,46 @@ def find_sparsifiable(model: nn.Module, targets: Iterable | None = None,
 
     Args:
         targets: optional explicit selection instead of the default; items may be parameter
-            names, nn.Parameter objects or nn.Module objects (a module contributes its
-            parameters of two or more dimensions, or all of them if it has none).
+            names, module names, nn.Parameter objects or nn.Module objects (a module contributes
+            its parameters of two or more dimensions, or all of them if it has none).
         dense_layers: parameter names (``"fc1.weight"``) or module names (``"fc1"``) to keep dense.
     """
     owned = _owned_parameters(model)
     if targets is None:
         chosen = [o for o in owned if _default_choice(o[2], o[3])]
     else:
-        chosen = _explicit(owned, list(targets))
+        chosen = _explicit(owned, list(targets), dict(model.named_modules()))
     dense = set(dense_layers)
     known = {o[0] for o in owned} | {o[1] for o in owned if o[1]}
     unknown = sorted(d for d in dense if d not in known)
     if unknown:
-        raise ValueError(f"dense_layers names unknown layer(s) {unknown}; use parameter names "
-                         "from model.named_parameters() or module names from model.named_modules()")
+        raise ValueError(f"dense_layers names unknown layer(s) {unknown}; {_valid_names_hint(unknown, known)}")
     return [Sparsifiable(full, param, module, mname) for full, mname, module, _, param in chosen
             if full not in dense and mname not in dense]
 
 
-def _explicit(owned, targets: list) -> list:
+def _valid_names_hint(unknown: list[str], known: set[str]) -> str:
+    """The closest valid names to each unknown one, else every valid name (up to 20)."""
+    close = sorted({c for u in unknown for c in difflib.get_close_matches(u, known, n=3, cutoff=0.6)})
+    if close:
+        return f"did you mean {close}? (parameter names from model.named_parameters() or module names)"
+    names = sorted(known)
+    more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+    return f"valid names: {names[:20]}{more}"
+
+
+def _explicit(owned, targets: list, modules: dict[str, nn.Module]) -> list:
     by_name = {o[0]: o for o in owned}
     by_id = {id(o[4]): o for o in owned}
+    modules = {name: m for name, m in modules.items() if name}
     picked: dict[str, tuple] = {}
     for item in targets:
+        if isinstance(item, str) and item not in by_name and item in modules:
+            item = modules[item]   # a module name: that module's weights, as for the module itself
         if isinstance(item, str):
             if item not in by_name:
-                raise ValueError(f"targets names unknown parameter '{item}'; see model.named_parameters()")
+                raise ValueError(f"targets names unknown parameter or module '{item}'; "
+                                 f"{_valid_names_hint([item], set(by_name) | set(modules))}")
             picked[item] = by_name[item]
         elif isinstance(item, nn.Parameter):
             if id(item) not in by_id:
