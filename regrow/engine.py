@@ -65,7 +65,8 @@ class DynamicSparsity:
             srigl: ``gamma_sal`` (0.3), ``ablation`` (True), ``grow_init``;
             gmp: ``begin_fraction`` (0.0);
             snip, grasp: ``scope`` ("global", or "layer"); synflow: ``rounds`` (100), ``scope``;
-            snfs: ``momentum`` (0.9, smoothing of its running dense-gradient mean), ``grow_init``.
+            snfs: ``momentum`` (0.9, smoothing of its running dense-gradient mean), ``grow_init``;
+            mest: ``lam`` (1e-2), ``mutation_schedule`` ("engine" or "mest"), ``grow_init``.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str,

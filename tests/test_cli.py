@@ -99,7 +99,7 @@ def _run_cli(argv, capsys):
     (["--dataset", "mnist"], "pass data_dir"),
     (["--method", "rigl", "--gamma", "2"], "--gamma does not apply to method 'rigl'"),
     (["--method", "dense"], "use --sparsity 0"),
-    (["--backend", "sparse", "--method", "rigl"], "supports methods static, set and gse"),
+    (["--backend", "sparse", "--method", "snip"], "supports methods static, set"),
     (["--backend", "sparse", "--model", "lenet5"], "for the mlp only"),
     (["--model", "lenet5", "--widths", "3"], "--widths applies to the mlp only"),
     (["--model-option", "nope=1"], "has no option"),

@@ -11,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import regrow
 from helpers import batches, build, mlp, train_step
 from regrow.methods.snfs import proportional_counts
 
-DYNAMIC_NEW = [("snfs", {})]
+DYNAMIC_NEW = [("snfs", {}), ("mest", {}), ("mest", {"mutation_schedule": "mest"})]
 
 
 # -- SNFS ----------------------------------------------------------------------------------
@@ -119,3 +120,84 @@ def test_same_seed_same_masks_and_bitwise_resume(method, options, tmp_path):
         assert torch.equal(pa, pc), f"{name} differs after resume"
     assert all(torch.equal(dst_a.masks[n], dst_c.masks[n]) for n in dst_a.masks)
     assert dst_a.stats() == dst_c.stats()
+
+
+# -- MEST ----------------------------------------------------------------------------------
+def test_mest_drops_smallest_weight_plus_lambda_gradient_and_grows_inactive_at_zero():
+    lam = 0.5
+    model, optimizer, dst = build("mest", model=mlp(seed=6), total_steps=40, update_interval=4, lam=lam)
+    params = dict(model.named_parameters())
+    seen = []
+    for t in dst.targets:
+        def recording(drop, grow, values, _t=t, _orig=t.rewire):
+            w = params[_t.name].detach().reshape(-1)
+            active = _t.active_indices()
+            importance = w[active].abs() + lam * grads[_t.name].reshape(-1)[active].abs()
+            order = torch.sort(importance, stable=True).indices
+            expected = active[order[:drop.numel()]].sort().values
+            seen.append((_t.name, torch.equal(drop.sort().values, expected),
+                         bool(_t.is_active(grow).any()), bool((values == 0).all()), drop.numel(), _t.nnz))
+            _orig(drop, grow, values)
+        t.rewire = recording
+    for x, y in batches(4, seed=2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = {n: p.grad.clone() for n, p in params.items()}
+        dst.step()
+    assert len(seen) == len(dst.targets)
+    for name, same, grew_active, zero, k, nnz in seen:
+        assert same, f"{name}: dropped set is not the k smallest |w| + lam |g|"
+        assert not grew_active and zero
+        assert k == int(dst.schedule.fraction(4) * nnz) > 0
+
+
+def test_mest_lambda_changes_what_is_dropped():
+    def masks(lam):
+        model, optimizer, dst = build("mest", model=mlp(seed=6), total_steps=40, update_interval=4, lam=lam)
+        for x, y in batches(4, seed=2):
+            train_step(model, optimizer, dst, x, y)
+        return dst.masks
+    a, b = masks(0.0), masks(100.0)
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+
+
+def test_mest_step_schedule_follows_the_authors_bounds():
+    model, optimizer, dst = build("mest", total_steps=32, update_interval=2, stop_fraction=1.0,
+                                  drop_fraction=0.4, mutation_schedule="mest")
+    counts = {}
+    for t in dst.targets[:1]:
+        def recording(drop, grow, values, _t=t, _orig=t.rewire):
+            counts[step[0]] = (drop.numel(), _t.nnz)
+            _orig(drop, grow, values)
+        t.rewire = recording
+    step = [0]
+    for i, (x, y) in enumerate(batches(32, seed=3)):
+        step[0] = i + 1
+        train_step(model, optimizer, dst, x, y)
+    for s, (k, nnz) in counts.items():
+        level = 1.0 if s < 18 else 0.5   # 9/16 of 32 = 18; none at or after 3/4 = 24
+        assert s < 24 and k == int(level * 0.4 * nnz), (s, k, nnz)
+    assert max(counts) == 22 and 16 in counts and 18 in counts
+
+
+def test_mest_runs_on_the_always_sparse_backend_with_the_same_drop_rule():
+    """Only active weights' gradients are read: SparseLinear computes them from (h, delta)."""
+    from regrow.nn import sparsify
+    model = sparsify(mlp(seed=3), sparsity=0.8, seed=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    dst = regrow.DynamicSparsity(model, optimizer, method="mest", sparsity=0.8, total_steps=40,
+                                 update_interval=4, lam=0.5)
+    total = sum(t.nnz for t in dst.targets)
+    checked = []
+    for t in dst.targets:
+        def recording(drop, grow, values, _t=t, _orig=t.rewire):
+            active = _t.active_indices()
+            importance = _t.active_values().abs() + 0.5 * _t.grad_at(active).abs()
+            expected = active[torch.sort(importance, stable=True).indices[:drop.numel()]].sort().values
+            checked.append(torch.equal(drop.sort().values, expected))
+            _orig(drop, grow, values)
+        t.rewire = recording
+    for x, y in batches(8, seed=2):
+        train_step(model, optimizer, dst, x, y)
+    assert dst.stats()["updates"] == 2 and checked and all(checked)
+    assert sum(t.nnz for t in dst.targets) == total

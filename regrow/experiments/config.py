@@ -42,6 +42,7 @@ METHOD_OPTIONS = {
     "grow_init": "grow_init", "gamma": "gamma", "sampling": "sampling", "c": "c", "eps": "eps",
     "gamma_sal": "gamma_sal", "ablation": "ablation", "begin_fraction": "begin_fraction",
     "scope": "scope", "rounds": "rounds", "momentum_beta": "momentum",
+    "lam": "lam", "mutation_schedule": "mutation_schedule",
 }
 
 
@@ -124,6 +125,11 @@ class TrainConfig:
     rounds: int | None = _opt(None, "synflow: pruning rounds (100)", "int", group="method options")
     momentum_beta: float | None = _opt(None, "snfs: smoothing of its running dense-gradient mean (0.9)",
                                        "float", group="method options")
+    lam: float | None = _opt(None, "mest: gradient weight in the drop score |w| + lam |g| (1e-2)", "float",
+                             group="method options")
+    mutation_schedule: str | None = _opt(None, "mest: drop-fraction decay, the engine's or the authors' "
+                                         "step schedule (engine)", "str", choices=("engine", "mest"),
+                                         group="method options")
 
     # -- derived -------------------------------------------------------------------------------
     def method_options(self, *, strict: bool = True) -> dict:
@@ -176,9 +182,10 @@ class TrainConfig:
             if self.model != "mlp":
                 raise ValueError(f"--backend sparse is for the mlp only (always-sparse SparseLinear), "
                                  f"not '{self.model}'")
-            if self.method not in ("static", "set", "gse"):
-                raise ValueError(f"--backend sparse supports methods static, set and gse, not "
-                                 f"'{self.method}' (it needs dense gradients)")
+            if not REGISTRY[self.method].sparse_backend:
+                able = ", ".join(m for m in METHODS if REGISTRY[m].sparse_backend)
+                raise ValueError(f"--backend sparse supports methods {able}, not '{self.method}' "
+                                 f"(it {REGISTRY[self.method].sparse_backend_refusal})")
         self.method_options(strict=True)
         self.model_kwargs()
         return self
