@@ -1,12 +1,15 @@
 # Two commands: `make demo` and `make test`. Both create .venv when it is missing.
+# `make test-gpu` runs the CUDA suite (tests/gpu; docs/gpu.md); GPU_PY=python3 uses a python
+# that already has a CUDA torch instead of the venv.
 # torch is pinned here; override with e.g. `make test TORCH_SPEC="torch==2.5.1"`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
+GPU_PY ?= $(PY)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-gpu install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-gpu: $(if $(filter $(PY),$(GPU_PY)),$(STAMP))
+	$(GPU_PY) -m pytest -q -m gpu tests/gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/METHOD-spSPARSITY-seedSEED)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its checkpoint, "
                    "with its own configuration (only --threads may be given besides)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines (the final "
+                   "result line, with the run folder, is still printed)")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. --vary gamma=0.25,0.5,1,2,4 or --vary widths=300x100,1200x400; 'none' is a "
                         "method option's own default")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="write the tables only")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-run lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, per-run lines or table (the "
+                   "written files are still listed)")
     add_config_flags(p, exclude=("method", "sparsity"))
     p.set_defaults(func=cmd_compare)
 
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"number of seeds (default: {DEMO_SEEDS})")
     p.add_argument("--threads", type=int, default=DEMO_THREADS,
                    help=f"torch CPU threads (default: {DEMO_THREADS}; small layers gain nothing from more)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-run lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, per-run lines or table (the "
+                   "written files are still listed)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -225,7 +228,7 @@ def cmd_train(args) -> int:
     from .ddp import process_group_from_env
     # under torchrun every rank runs this command: join the others; rank 0 alone reports
     with process_group_from_env() as group:
-        return _train_command(args, quiet=args.quiet or not group.is_main)
+        return _train_command(args, quiet=not group.is_main)   # --quiet keeps the final line
 
 
 def _train_command(args, *, quiet: bool) -> int:
@@ -238,8 +241,8 @@ def _train_command(args, *, quiet: bool) -> int:
         config = None
         args.run_dir = Path(args.resume)   # for the Ctrl-C hint in main()
         if hasattr(args, "threads"):
-            from .checkpoint import checkpoint_path, load_checkpoint
-            config = from_dict(load_checkpoint(checkpoint_path(args.resume))["config"]).replace(threads=args.threads)
+            from .checkpoint import load_run_checkpoint
+            config = from_dict(load_run_checkpoint(args.resume)["config"]).replace(threads=args.threads)
         out = Path(args.resume)
         summary = train(config, out, resume=True, progress=_show_progress(args), log=_log(args))
     else:
@@ -266,11 +269,12 @@ def _compare(base: TrainConfig, methods, sparsities, seeds, out, *, dense: bool,
 
 
 def _print_report(report: dict, quiet: bool = False) -> None:
-    if quiet:
-        return
-    print()
-    print(report["markdown"], end="")
-    print("\nwritten: " + ", ".join(report["files"]))
+    """The results table and the written files; ``quiet`` prints the files only."""
+    if not quiet:
+        print()
+        print(report["markdown"], end="")
+        print()
+    print("written: " + ", ".join(report["files"]))
 
 
 def cmd_compare(args) -> int:
