@@ -17,6 +17,19 @@ from .core.first_input import FirstInputShape
 from .core.metrics import sparsity_stats
 from .core.optim_state import OptimizerStateMasker, check_optimizer
 from .core.schedules import UpdateSchedule
+from .core.sparse_init import check_sparse_init, rescale_to_active_fan_in
+
+
+def _warn_if_never_updated(method, schedule: UpdateSchedule) -> None:
+    """A dynamic method whose schedule has no update step trains as static: say so once."""
+    if not method.dynamic or schedule.update_steps():
+        return
+    warnings.warn(
+        f"regrow: method '{method.name}' will never update its topology: updates happen every "
+        f"update_interval={schedule.interval} steps before step {schedule.end:g} "
+        f"(stop_fraction={schedule.stop_fraction} x total_steps={schedule.total_steps}), and there is "
+        "none; it trains as static. Lower update_interval or train for more steps.",
+        UserWarning, stacklevel=3)
 
 
 class DynamicSparsity:
@@ -53,6 +66,13 @@ class DynamicSparsity:
         targets: optional explicit list of parameters, parameter names or modules to sparsify.
         allow_any_optimizer: accept optimizers other than SGD/Adam/AdamW, zeroing every state
             tensor shaped like its parameter.
+        sparse_init: ``"fan_in"`` (default) rescales, once at construction, each output neuron's
+            (conv: output channel's) active weights by sqrt(dense fan-in / active fan-in), so
+            its pre-activation variance is the dense layer's (Evci et al. 2022; assumes a
+            fan-in-scaled init such as PyTorch's default, Kaiming or LeCun); randomly grown
+            weights (``grow_init="random"``) use the same per-neuron scale. ``None`` leaves the
+            model's values as they are. SparseLinear layers already initialise for their own
+            fan-in and are left alone.
         check_masks: under torch.distributed, all-reduce a mask checksum at construction, at
             checkpoint load and after every topology update, and raise ``MaskDivergenceError``
             naming the first layer where ranks disagree (no-op in one process).
@@ -62,7 +82,8 @@ class DynamicSparsity:
             gse: ``gamma`` (1.0, subset size / active count), ``sampling``
             ("uniform", "grabo", "graest"), ``grow_init``;
             dstee: ``c`` (1e-3), ``eps`` (1.0), ``grow_init``;
-            srigl: ``gamma_sal`` (0.3), ``ablation`` (True), ``grow_init``;
+            srigl: ``gamma_sal`` (0.3), ``ablation`` (True), ``exempt_layers`` (None: the
+            last sparsified layer), ``grow_init``;
             gmp: ``begin_fraction`` (0.0);
             snip, grasp: ``scope`` ("global", or "layer"); synflow: ``rounds`` (100), ``scope``;
             snfs: ``momentum`` (0.9, smoothing of its running dense-gradient mean), ``grow_init``;
@@ -75,7 +96,7 @@ class DynamicSparsity:
                  drop_schedule: str = "cosine", stop_fraction: float = 0.75,
                  dense_layers: Iterable[str] = (), seed: int = 0,
                  targets: Iterable | None = None, allow_any_optimizer: bool = False,
-                 check_masks: bool = True, **method_options):
+                 check_masks: bool = True, sparse_init: str | None = "fan_in", **method_options):
         model = unwrap(model)   # a DDP wrapper: same names and checkpoints as in one process
         if method not in REGISTRY:
             raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
@@ -87,7 +108,9 @@ class DynamicSparsity:
                                        drop_fraction=drop_fraction, schedule=drop_schedule,
                                        stop_fraction=stop_fraction)
         check_optimizer(optimizer, allow_any_optimizer)
+        check_sparse_init(sparse_init)
         self.method = make_method(method, method_options)
+        _warn_if_never_updated(self.method, self.schedule)
         self.model, self.optimizer = model, optimizer
         self.sparsity, self.distribution, self.seed = float(sparsity), distribution, seed
         self.check_masks = check_masks
@@ -116,6 +139,13 @@ class DynamicSparsity:
         self.generator = torch.Generator().manual_seed(seed)
         self.method.plan(self.schedule)
         self.method.init_masks([t for t in self.targets if not t.preinitialised], self.generator)
+        self.sparse_init = sparse_init
+        self.method.sparse_init = sparse_init   # randomly grown weights use the same scale
+        if sparse_init == "fan_in":
+            # SparseLinear already draws its values for its own fan-in (nn/sparse_linear.py)
+            for t in self.targets:
+                if isinstance(t, MaskedTarget) and not t.preinitialised:
+                    rescale_to_active_fan_in(t.param.data, t.mask)
         self._step = 0
         self._updates = 0
         if self.check_masks:
@@ -255,7 +285,8 @@ class DynamicSparsity:
             check_masks_agree(self.targets, 1)
 
     def _update_topology(self, t: int) -> None:
-        ctx = UpdateContext(step=t, fraction=self.schedule.fraction(t), generator=self.generator)
+        ctx = UpdateContext(step=t, fraction=self.schedule.fraction(t), generator=self.generator,
+                            seed=self.seed)
         with torch.no_grad():
             for target in self.targets:
                 if self.method.needs_grad and not target.grad_available():

@@ -109,7 +109,9 @@ def test_invariants_hold_after_init_and_every_step(cfg):
             if method in DYNAMIC_ZERO_INIT:
                 assert (w[grow] == 0).all(), "grown weights start at zero"
             elif method == "set":
-                bound = 1 / math.sqrt(targets[name].cols)
+                # sparse_init="fan_in" (default): bound 1/sqrt(the row's active fan-in before the update)
+                fan_in = before[name].reshape(targets[name].rows, -1).sum(1)
+                bound = 1 / fan_in[grow // targets[name].cols].clamp(min=1).float().sqrt()
                 assert (w[grow].abs() <= bound).all() and torch.equal(w[grow], values)
             assert (w[drop] == 0).all()
         for n in ever:

@@ -147,6 +147,11 @@ class SparseLinearTarget(SparseTarget):
         # does for p.grad, so that every rank scores (and grows) the same connections
         return all_reduce_mean(sampled_grad(self.rows, r, c, h_t, delta_t))
 
+    def grad_available(self) -> bool:
+        # the layer took no part in this step's forward/backward (an unused branch): the engine
+        # skips its update, as the masked backend does for a parameter without a gradient
+        return self.layer.captured() is not None
+
     def activations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         pair = self.layer.captured()
         return None if pair is None else (pair[0].t(), pair[1].t())

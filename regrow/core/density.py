@@ -76,3 +76,31 @@ def allocate_counts(shapes: Mapping[str, Sequence[int]], density: float,
                 counts[donor] -= 1
             counts[n] = 1
     return counts
+
+
+def constant_fan_ins(layers: Sequence[tuple[int, int, int]]) -> list[int]:
+    """Integer fan-ins for constant-fan-in layers (SRigL), one per ``(rows, cols, budget)``.
+
+    Each layer takes floor(budget / rows) or one more (never below 1 nor above ``cols``), so it
+    holds at most ``rows`` weights more than its budget; which layers round up is chosen so
+    that the network's total, sum(fan_in * rows), is as close to the sum of the budgets as
+    integer fan-ins allow (an exact subset sum over the round-up candidates, a bitset per
+    layer; ties go to the total below the target). Rounding each layer on its own instead
+    can miss the target by several percent at high sparsity, and the official code
+    (condensed-sparsity) floors every layer, always falling short.
+    """
+    base = [min(cols, max(1, budget // rows)) for rows, cols, budget in layers]
+    deficit = sum(b for _, _, b in layers) - sum(f * r for f, (r, _, _) in zip(base, layers))
+    up = [i for i, (f, (r, c, b)) in enumerate(zip(base, layers)) if f < c and f * r < b]
+    reach, history = 1, []          # bit s of reach: some subset of the candidates adds s weights
+    for i in up:
+        history.append(reach)
+        reach |= reach << layers[i][0]
+    best = min((s for s in range(reach.bit_length()) if reach >> s & 1),
+               key=lambda s: (abs(s - deficit), s > deficit))
+    fan_ins = list(base)
+    for i, before in zip(reversed(up), reversed(history)):
+        if not before >> best & 1:   # this sum needs layer i rounded up
+            fan_ins[i] += 1
+            best -= layers[i][0]
+    return fan_ins

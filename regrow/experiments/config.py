@@ -100,6 +100,9 @@ class TrainConfig:
                               group="sparsity")
     stop_fraction: float = _opt(0.75, "no topology updates after this fraction of training", "float",
                                 group="sparsity")
+    sparse_init: str = _opt("fan_in", "rescale each neuron's initial weights to its active fan-in "
+                            "(fan_in) or leave the model's init (none)", "str",
+                            choices=("fan_in", "none"), group="sparsity")
     dense_layers: list = _opt([], "parameter or module names kept dense, comma-separated", "strs",
                               group="sparsity", metavar="NAME,...")
     backend: str = _opt("masked", "masked (any model) or sparse (always-sparse SparseLinear; mlp with "

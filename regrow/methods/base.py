@@ -14,7 +14,7 @@ from typing import Callable, ClassVar, Sequence
 import torch
 
 from ..core.target import SparseTarget
-from ..core.selection import largest_k, smallest_k
+from ..core.selection import largest_k, smallest_k, tie_keys
 
 GROW_INITS = ("zero", "random")
 REGISTRY: dict[str, type["Method"]] = {}
@@ -47,11 +47,18 @@ class FirstStep:
 
 @dataclass(frozen=True)
 class UpdateContext:
-    """What an update step knows besides the layer: 1-based step, drop fraction, RNG."""
+    """What an update step knows besides the layer: 1-based step, drop fraction, RNG, seed."""
 
     step: int
     fraction: float
     generator: torch.Generator
+    seed: int = 0
+
+    def ties(self, target: SparseTarget, positions: torch.Tensor) -> torch.Tensor:
+        """Tie-break keys of flat ``positions`` in ``target`` at this update (see core.selection):
+        the same on every rank and in both backends, so equal scores are not settled by index.
+        The layer is named by its module (``fc.weight`` and SparseLinear's ``fc.values`` agree)."""
+        return tie_keys(positions, self.seed, self.step, target.name.rsplit(".", 1)[0])
 
 
 def random_mask(target: SparseTarget, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -70,6 +77,8 @@ class Method:
     needs_grad: ClassVar[bool] = False   # reads dL/dw at update steps
     masked: ClassVar[bool] = True        # False: every weight stays active, nothing to mask
     sparse_backend: ClassVar[bool] = True  # works without dense tensors
+    #: set by the engine: "fan_in" makes randomly grown weights use their neuron's fan-in scale
+    sparse_init: str | None = None
     sparse_backend_refusal: ClassVar[str] = (
         "ranks every inactive connection by its dense gradient, an out x in tensor the "
         "always-sparse backend never builds")
@@ -116,25 +125,27 @@ class Method:
         k = self.rewire_count(target, ctx)
         if k <= 0:
             return
-        drop = self.drop(target, k)
+        drop = self.drop(target, k, ctx)
         grow = self.grow(target, k, ctx)
         assert grow.numel() == k, f"{self.name} grew {grow.numel()} of {k} in '{target.name}'"
         # drop is a subset of the active set, so inactive growth is disjoint from it (O(k))
         assert not target.is_active(grow).any(), "dropped and grown sets must be disjoint"
-        target.rewire(drop, grow, self.grow_values(target, k, ctx.generator))
+        target.rewire(drop, grow, self.grow_values(target, k, ctx.generator, grow))
 
     def after_update(self, targets: Sequence[SparseTarget], ctx: UpdateContext) -> None:
         """Called once after every layer was updated (bookkeeping such as DST-EE's counts)."""
 
-    def drop(self, target: SparseTarget, k: int) -> torch.Tensor:
-        """The k active connections of smallest |w|."""
+    def drop(self, target: SparseTarget, k: int, ctx: UpdateContext | None = None) -> torch.Tensor:
+        """The k active connections of smallest |w| (ties by ``ctx.ties``, else lowest index)."""
         active = target.active_indices()
-        return active[smallest_k(target.active_values().abs(), k)]
+        keys = None if ctx is None else ctx.ties(target, active)
+        return active[smallest_k(target.active_values().abs(), k, tie_keys=keys)]
 
     def grow(self, target: SparseTarget, k: int, ctx: UpdateContext) -> torch.Tensor:
-        """The k candidates with the largest grow score."""
+        """The k candidates with the largest grow score, ties by the seeded hash ``ctx.ties``."""
         candidates = self.candidates(target, k, ctx)
-        return candidates[largest_k(self.grow_scores(target, candidates, ctx), k)]
+        scores = self.grow_scores(target, candidates, ctx)
+        return candidates[largest_k(scores, k, tie_keys=ctx.ties(target, candidates))]
 
     def candidates(self, target: SparseTarget, k: int, ctx: UpdateContext) -> torch.Tensor:
         """Connections eligible to grow: by default every inactive one."""
@@ -144,12 +155,22 @@ class Method:
                     ctx: UpdateContext) -> torch.Tensor:
         raise NotImplementedError(f"method '{self.name}' does not score growth")
 
-    def grow_values(self, target: SparseTarget, k: int, gen: torch.Generator) -> torch.Tensor:
-        """Initial values of grown weights: zero, or U(-b, b) with the layer's init bound."""
+    def grow_values(self, target: SparseTarget, k: int, gen: torch.Generator,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Initial values of grown weights: zero, or U(-b, b) with the layer's init bound.
+
+        With the engine's ``sparse_init="fan_in"`` and the grown flat ``positions`` given, b is
+        1/sqrt(active fan-in of the weight's row) (its neuron's count before the update), the
+        scale the initial weights were given; SparseLinear's bound already is its fan-in's.
+        """
         if self.grow_init == "zero":
             return torch.zeros(k, device=target.device)
-        bound = target.fan_in_bound()
-        return ((torch.rand(k, generator=gen) * 2 - 1) * bound).to(target.device)
+        u = torch.rand(k, generator=gen) * 2 - 1
+        if self.sparse_init == "fan_in" and positions is not None and not target.preinitialised:
+            rows = torch.div(positions.cpu(), target.cols, rounding_mode="floor")
+            counts = target.row_counts().cpu()[rows].clamp(min=1).to(u.dtype)
+            return (u / counts.sqrt()).to(target.device)
+        return (u * target.fan_in_bound()).to(target.device)
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict:

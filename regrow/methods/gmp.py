@@ -49,6 +49,6 @@ class GMP(Method):
             return
         k = target.nnz - self.scheduled_count(target, ctx.step)
         if k > 0:
-            drop = self.drop(target, k)
+            drop = self.drop(target, k, ctx)
             empty = drop[:0]
             target.rewire(drop, empty, empty.float())

@@ -1,25 +1,49 @@
 """SRigL (Lasby et al., 2023): RigL with constant fan-in and neuron ablation.
 
 Every active output neuron (conv: output channel) keeps the same number of active inputs.
-Per update: the weights RigL would keep (after magnitude drop) plus those it would grow
-(top |grad|) are *salient*; a neuron with fewer than ``gamma_sal * fan_in`` salient weights is
-ablated and its budget is shared among the survivors (their fan-in rises to
-floor(total / active), so the layer holds fan_in * active weights, short of the initial total
-by less than one weight per active neuron). Each surviving neuron then keeps
-its largest-|w| weights and regrows by largest |grad| up to the new fan-in.
+One update of a layer with N active weights and k = floor(alpha_t * N) follows the official
+code (calgaryml/condensed-sparsity, ``rigl_constant_fan.py::_rigl_step``):
+
+1. *Salient* weights are the union of the N - k active weights of largest |w| (what RigL
+   keeps) and the k positions of largest |grad| over the whole layer (what RigL would grow;
+   the official code takes them from the full layer, active ones included).
+2. A neuron is ablated when it has fewer than ``max(1, floor(gamma_sal * f0))`` salient
+   weights, f0 the layer's *initial* fan-in (official ``use_sparse_const_fan_in_for_ablation``),
+   so the threshold does not rise as neurons disappear. Guard (official): the threshold is
+   lowered to the salient count of the (m + 1)-th most salient neuron, m = total // cols,
+   so enough neurons survive that the new fan-in fits in a row. Ablation is not cumulative:
+   an ablated neuron returns when its salient count reaches the threshold again.
+3. The layer's budget (its weight count at initialisation) is shared by the survivors:
+   fan-in = floor(total / active), short of the total by less than one weight per neuron.
+4. Each surviving neuron keeps its kept weights of largest |w| up to the fan-in, then grows
+   the non-kept positions of largest |grad| (positions dropped this step included, as in the
+   official code); grown weights start at ``grow_init`` (zero), weights that stay active keep
+   their value and optimizer state.
+
+Where regrow departs from the official code, on purpose:
+
+* The last sparsified layer (the classifier) is never ablated by default. The official code
+  means to exempt it (``no_ablation_module_names is None and idx == last_layer_idx``), but its
+  base class turns None into [] first, so the branch never fires and only layers named in a
+  config are exempt (its ResNet/ViT configs name the classifier; MLP ones do not). Ablating a
+  classifier row deletes a class's logit. ``exempt_layers`` names the exempt layers instead
+  (parameter or module names; ``()`` exempts none).
+* Initial fan-ins are chosen jointly over the network (``core.density.constant_fan_ins``):
+  the official code floors each layer and drops the remainders, landing below the target.
+* A row holding more kept weights than the new fan-in keeps those of largest |w|; the
+  official code sorts the boolean mask there, so which ones survive follows index order.
+* Equal scores are ordered by the seeded hash of ``UpdateContext.ties`` (the official code
+  leaves them to ``torch.topk``).
 """
 from __future__ import annotations
 
-import math
+from typing import Iterable
 
 import torch
 
+from ..core.density import constant_fan_ins
 from ..core.selection import largest_k, smallest_k
 from .base import Method, UpdateContext, register
-
-# Per-row choice priority: kept weights first, then the best new candidates, and a
-# weight dropped by magnitude only when a row has nothing else left to take.
-_KEPT, _NEW, _DROPPED = 2, 1, 0
 
 
 @register
@@ -28,82 +52,105 @@ class SRigL(Method):
     needs_grad = True
     sparse_backend = False
 
-    def __init__(self, *, gamma_sal: float = 0.3, ablation: bool = True, grow_init: str = "zero"):
+    def __init__(self, *, gamma_sal: float = 0.3, ablation: bool = True,
+                 exempt_layers: Iterable[str] | None = None, grow_init: str = "zero"):
         super().__init__(grow_init=grow_init)
         if not 0.0 <= gamma_sal <= 1.0:
             raise ValueError(f"gamma_sal must be in [0, 1], got {gamma_sal}")
+        if isinstance(exempt_layers, str):
+            raise ValueError(f"exempt_layers takes a list of layer names, got the string {exempt_layers!r}")
         self.gamma_sal, self.ablation = gamma_sal, ablation
+        self.exempt_layers = None if exempt_layers is None else tuple(exempt_layers)
         self.totals: dict[str, int] = {}   # fan_in * rows at init: the budget ablation redistributes
+        self.initial_fan_in: dict[str, int] = {}
+        self.exempt: set[str] = set()      # parameter names never ablated
 
     def init_masks(self, targets, gen):
-        for t in targets:
-            fan_in = min(t.cols, max(1, round(t.budget / t.rows)))
+        targets = list(targets)
+        self.exempt = self._exempt_names(targets)
+        fan_ins = constant_fan_ins([(t.rows, t.cols, t.budget) for t in targets])
+        for t, fan_in in zip(targets, fan_ins):
             order = torch.rand(t.rows, t.cols, generator=gen).argsort(dim=1)
             mask = torch.zeros(t.rows, t.cols, dtype=torch.bool)
             mask.scatter_(1, order[:, :fan_in], True)
             t.set_mask(mask)
+            self.initial_fan_in[t.name] = fan_in
             self.totals[t.name] = fan_in * t.rows
+
+    def _exempt_names(self, targets) -> set[str]:
+        if not targets:
+            return set()
+        if self.exempt_layers is None:
+            return {targets[-1].name}   # the last sparsified layer: the classifier
+        names = {t.name: t.name.rsplit(".", 1)[0] for t in targets}
+        unknown = [e for e in self.exempt_layers if e not in names and e not in names.values()]
+        if unknown:
+            raise ValueError(f"srigl exempt_layers {unknown} are not sparsified layers; "
+                             f"choose among {sorted(names)}")
+        return {n for n, module in names.items() if n in self.exempt_layers or module in self.exempt_layers}
 
     def update(self, target, ctx: UpdateContext) -> None:
         rows, cols = target.rows, target.cols
         k = self.rewire_count(target, ctx)
         if k <= 0:
             return
+        dev = target.device
         active = target.active_indices()
         values = target.active_values()
-        weight = torch.zeros(target.numel, device=target.device, dtype=values.dtype)
+        weight = torch.zeros(target.numel, device=dev, dtype=values.dtype)
         weight[active] = values.abs()
-        was_active = torch.zeros(target.numel, dtype=torch.bool, device=target.device)
+        was_active = torch.zeros(target.numel, dtype=torch.bool, device=dev)
         was_active[active] = True
         grad = target.dense_grad().abs().reshape(-1).to(weight.dtype)
+        keys = ctx.ties(target, torch.arange(target.numel, device=dev))
 
-        # RigL's unstructured decision, used to measure each neuron's saliency
-        dropped = active[smallest_k(weight[active], k)]
-        inactive = (~was_active).nonzero().squeeze(1)
-        would_grow = inactive[largest_k(grad[inactive], k)]
-        salient = was_active.clone()
-        salient[dropped] = False
-        kept = salient.clone()
-        salient[would_grow] = True
+        # 1. saliency: RigL's keep set plus the top-k |grad| over the whole layer
+        kept = was_active.clone()
+        kept[active[smallest_k(weight[active], k, tie_keys=keys[active])]] = False
+        salient = kept.clone()
+        salient[largest_k(grad, k, tie_keys=keys)] = True
 
+        # 2-3. ablation and the survivors' fan-in
         alive = self._surviving_neurons(target, salient.view(rows, cols).sum(1))
         fan_in = min(cols, self.totals[target.name] // int(alive.sum()))
 
-        # rank each row: kept (by |w|) > never-active candidates (by |grad|) > dropped (by |w|)
-        klass = torch.full((target.numel,), _NEW, device=target.device)
-        klass[was_active] = _DROPPED
-        klass[kept] = _KEPT
-        score = torch.where(klass == _NEW, grad, weight).view(rows, cols)
-        by_score = score.argsort(dim=1, descending=True, stable=True)
-        by_class = klass.view(rows, cols).gather(1, by_score).argsort(dim=1, descending=True, stable=True)
-        chosen = by_score.gather(1, by_class)[:, :fan_in]
-        new_mask = torch.zeros(rows, cols, dtype=torch.bool, device=target.device)
-        new_mask.scatter_(1, chosen, True)
+        # 4. per row: kept weights by |w|, then everything else by |grad|, ties by the hash
+        order = keys.view(rows, cols).argsort(dim=1, descending=True)
+        score = torch.where(kept, weight, grad).view(rows, cols).gather(1, order)
+        order = order.gather(1, score.argsort(dim=1, descending=True, stable=True))
+        order = order.gather(1, kept.view(rows, cols).gather(1, order).to(torch.int8)
+                             .argsort(dim=1, descending=True, stable=True))
+        new_mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
+        new_mask.scatter_(1, order[:, :fan_in], True)
         new_mask[~alive] = False
         new_mask = new_mask.view(-1)
 
         drop = (was_active & ~new_mask).nonzero().squeeze(1)
         grow = (~was_active & new_mask).nonzero().squeeze(1)
-        target.rewire(drop, grow, self.grow_values(target, grow.numel(), ctx.generator))
+        target.rewire(drop, grow, self.grow_values(target, grow.numel(), ctx.generator, grow))
         counts = target.row_counts()
         assert bool(((counts == 0) | (counts == fan_in)).all()), "srigl fan-in must be constant"
 
+    def ablation_threshold(self, target, salient_per_row: torch.Tensor) -> int:
+        """Minimum salient count a neuron needs to survive (0: nothing is ablated)."""
+        if not self.ablation or self.gamma_sal == 0 or target.name in self.exempt:
+            return 0
+        threshold = max(1, int(self.gamma_sal * self.initial_fan_in[target.name]))
+        # official guard: at least m + 1 neurons survive, m = total // cols, so the new
+        # fan-in floor(total / active) never exceeds the row length
+        m = self.totals[target.name] // target.cols
+        if m >= target.rows:
+            return 0
+        guard = int(salient_per_row.sort(descending=True).values[m])
+        return min(threshold, guard)
+
     def _surviving_neurons(self, target, salient_per_row: torch.Tensor) -> torch.Tensor:
-        """Neurons kept active; enough of them survive that fan-in never exceeds ``cols``."""
-        rows, cols = target.rows, target.cols
-        total = self.totals[target.name]
-        if not self.ablation:
-            return torch.ones(rows, dtype=torch.bool, device=salient_per_row.device)
-        fan_in = target.nnz / max(1, int((target.row_counts() > 0).sum()))
-        alive = salient_per_row >= self.gamma_sal * fan_in
-        needed = max(1, math.ceil(total / cols))
-        if int(alive.sum()) < needed:
-            alive = torch.zeros_like(alive)
-            alive[largest_k(salient_per_row.float(), needed)] = True
-        return alive
+        return salient_per_row >= self.ablation_threshold(target, salient_per_row)
 
     def state_dict(self) -> dict:
-        return {"totals": dict(self.totals)}
+        return {"totals": dict(self.totals), "initial_fan_in": dict(self.initial_fan_in)}
 
     def load_state_dict(self, state: dict) -> None:
         self.totals = dict(state["totals"])
+        # both are rebuilt at construction from the same budgets; older checkpoints lack the second
+        self.initial_fan_in.update(state.get("initial_fan_in", {}))
