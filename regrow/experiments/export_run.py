@@ -6,7 +6,7 @@ from typing import Any
 
 from ..export import export, save_exported
 from ..export.condense import _is_sparse_layer
-from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint import load_run_checkpoint
 from .config import from_dict
 from .setup import build_model
 
@@ -24,7 +24,7 @@ def export_run(run_dir: str | Path, format: str = "condensed", out_path: str | P
         original (dense) model.
     """
     run_dir = Path(run_dir)
-    state = load_checkpoint(checkpoint_path(run_dir))
+    state = load_run_checkpoint(run_dir)
     config = from_dict(state["config"])
     in_shape, num_classes = tuple(int(s) for s in state["in_shape"]), int(state["num_classes"])
     model = build_model(config, in_shape, num_classes)

@@ -1,6 +1,7 @@
 """One epoch of training steps: forward, backward, the engine's step, FLOPs and running sums."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -8,6 +9,10 @@ from typing import Callable
 from . import ddp
 from .flops import gse_subset_fraction
 from .setup import Run
+
+
+class NonFiniteLoss(ValueError):
+    """The training loss became NaN or infinite: training stops before that step's update."""
 
 
 @dataclass
@@ -68,6 +73,10 @@ def train_epoch(run: Run, net, epoch: int, first: int, sums: EpochSums, *, progr
         run.optimizer.zero_grad(set_to_none=True)
         logits = net(x)
         loss = run.loss_fn(logits, y)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):   # never train on, nor checkpoint, a diverged model
+            raise NonFiniteLoss(f"the training loss is {loss_value} at step {dst.step_count + 1} "
+                                f"(epoch {epoch + 1}, batch {b + 1})")
         loss.backward()
 
         t_next = dst.step_count + 1
@@ -87,7 +96,7 @@ def train_epoch(run: Run, net, epoch: int, first: int, sums: EpochSums, *, progr
         if update or first:   # pruning at init sets its masks inside the first step
             layer_density, layer_counts = densities(run), counts(run)
 
-        sums.loss_sum += float(loss.detach()) * len(idx)
+        sums.loss_sum += loss_value * len(idx)
         sums.correct += int((logits.argmax(1) == y).sum())
         sums.seen += len(idx)
         if progress:

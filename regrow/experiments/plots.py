@@ -145,7 +145,7 @@ def plot_layer_density(runs: list[dict], results: dict, path: Path) -> Path | No
 
 def plot_masks(runs: list[dict], results: dict, path: Path) -> Path | None:
     """Final masks of up to MASK_MAX_LAYERS small layers per method, at the highest sparsity."""
-    from .checkpoint import checkpoint_path, load_checkpoint
+    from .checkpoint import checkpoint_path, load_run_checkpoint
     if not results["sparsities"]:
         return None
     sparsity = max(results["sparsities"])
@@ -154,7 +154,7 @@ def plot_masks(runs: list[dict], results: dict, path: Path) -> Path | None:
         run = _first_seed(runs, method, sparsity)
         if run is None or not checkpoint_path(run["run_dir"]).is_file():
             continue
-        masks = load_checkpoint(checkpoint_path(run["run_dir"])).get("masks", {})
+        masks = load_run_checkpoint(run["run_dir"]).get("masks", {})
         small = [(name, m) for name, m in masks.items() if m.numel() <= MASK_MAX_NUMEL][:MASK_MAX_LAYERS]
         if small:
             rows.append((method, small))

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..core import strict_json
 from .grid import applies, find_cell, value_label
 from .labels import display_name, method_order
 from .runfiles import read_metrics
@@ -264,7 +265,7 @@ def write_report(root: str | Path, *, plots: bool = True) -> dict:
     results = aggregate(runs, read_vary(root))
     text = render_markdown(results)
     files = [root / "results.json", root / "results.md"]
-    files[0].write_text(json.dumps(results, indent=2) + "\n")
+    files[0].write_text(strict_json.dumps(results, indent=2) + "\n")
     files[1].write_text(text)
     if plots:
         from .plots import write_plots

@@ -18,6 +18,7 @@ evaluates and reports, :mod:`.checkpoint` saves and restores.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -27,11 +28,12 @@ import torch
 from torch import nn
 
 from . import ddp
-from .checkpoint import (CHECKPOINT_NAME, checkpoint_path, load_checkpoint, rng_states, save_checkpoint,
+from .checkpoint import (CHECKPOINT_NAME, checkpoint_path, load_run_checkpoint, rng_states, save_checkpoint,
                          set_rng_states)
 from .config import TrainConfig, describe_differences, from_dict, save_yaml
-from .loop import EpochSums, progress_bar, train_epoch
-from .runfiles import CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, read_metrics, read_summary, write_json, write_metrics
+from .loop import EpochSums, NonFiniteLoss, progress_bar, train_epoch
+from .runfiles import (CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, read_metrics, read_summary, run_lock, write_json,
+                       write_metrics)
 from .setup import Run, build_model, build_run, epoch_order, lr_factor, make_optimizer, make_sparsity
 from .summary import epoch_line, epoch_row, run_summary
 
@@ -59,13 +61,31 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             the process were killed there (to test resuming); returns None.
 
     Raises:
-        ValueError / FileNotFoundError: bad configuration, data or run directory.
+        ValueError / FileNotFoundError: bad configuration, data or run directory; the run folder
+            in use by another process; ``NonFiniteLoss`` (a ValueError) when the loss becomes NaN
+            or infinite: the run stops there, its last checkpoint kept as it was.
     """
     out = Path(out_dir)
     # under torchrun (regrow.cli joined the process group): rank 0 alone writes and reports
     group = ddp.current_group()
     writes = is_main_process and group.is_main
-    progress, log = progress and writes, log if writes else None
+    if not writes:
+        return _train(config, out, resume, progress=False, log=None, progress_position=progress_position,
+                      writes=False, group=group, stop_after_steps=stop_after_steps)
+    if not resume:
+        if config is None:
+            raise ValueError("train() needs a config unless resuming")
+        config.validate()   # before a folder is made for it
+        out.mkdir(parents=True, exist_ok=True)
+    # one writer per run folder, released on exit, crash or kill (a missing folder fails below)
+    with run_lock(out) if out.is_dir() else contextlib.nullcontext():
+        return _train(config, out, resume, progress=progress, log=log, progress_position=progress_position,
+                      writes=True, group=group, stop_after_steps=stop_after_steps)
+
+
+def _train(config: TrainConfig | None, out: Path, resume: bool, *, progress: bool,
+           log: Callable[[str], None] | None, progress_position: int, writes: bool, group,
+           stop_after_steps: int | None) -> dict | None:
     config, state = _config_and_checkpoint(config, out, resume)
     config.validate()
     if config.threads:
@@ -92,10 +112,13 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     def wall() -> float:
         return wall_before + time.perf_counter() - session_start
 
+    saved_step = [int(state["step"]) if state is not None else None]   # the last good checkpoint's
+
     def checkpoint(epoch: int, batch: int, sums: EpochSums) -> None:
         totals = sums.over_ranks(group)   # a collective: every rank gets here
         if writes:
             save_checkpoint(_checkpoint_state(run, epoch, batch, history, totals, wall()), out / CHECKPOINT_NAME)
+        saved_step[0] = run.dst.step_count
 
     net = ddp.wrap(run.model, group)   # DDP all-reduces gradients; the engine works on the unwrapped model
     epochs_bar = progress_bar(range(start_epoch, config.epochs), desc=f"{config.method} {config.sparsity:g}",
@@ -106,8 +129,16 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         first = start_batch if epoch == start_epoch else 0
         if first == 0:
             sums = EpochSums()
-        if not train_epoch(run, net, epoch, first, sums, progress=progress, position=progress_position,
-                           stop_after_steps=stop_after_steps, checkpoint=checkpoint):
+        try:
+            finished = train_epoch(run, net, epoch, first, sums, progress=progress, position=progress_position,
+                                   stop_after_steps=stop_after_steps, checkpoint=checkpoint)
+        except NonFiniteLoss as err:
+            epochs_bar.close()
+            kept = (f"the last good checkpoint, {out / CHECKPOINT_NAME} (step {saved_step[0]}), is kept; lower "
+                    "--lr or check the data, then start again" if saved_step[0] is not None else
+                    "no checkpoint was written yet; lower --lr or check the data")
+            raise NonFiniteLoss(f"{err}; training stopped: {kept}") from None
+        if not finished:
             epochs_bar.close()
             return None
         row = epoch_row(run, epoch, sums.over_ranks(group))
@@ -137,7 +168,7 @@ def _config_and_checkpoint(config: TrainConfig | None, out: Path, resume: bool) 
         return config, None
     if read_summary(out) is not None:
         raise ValueError(f"run in {out} already finished ({SUMMARY_NAME} exists); nothing to resume")
-    state = load_checkpoint(checkpoint_path(out))
+    state = load_run_checkpoint(out)   # the previous one, with a warning, if the newest is damaged
     saved = from_dict(state["config"])
     if config is not None:
         diff = describe_differences(saved, config)
@@ -182,7 +213,7 @@ def _log_epoch(log: Callable[[str], None] | None, progress: bool, line: str) -> 
 
 def load_trained(run_dir: str | Path) -> tuple[nn.Module, dict[str, torch.Tensor], TrainConfig]:
     """The model of a run with its latest checkpointed weights, its masks and its config."""
-    state = load_checkpoint(checkpoint_path(run_dir))
+    state = load_run_checkpoint(run_dir)
     config = from_dict(state["config"])
     model = build_model(config, tuple(state["in_shape"]), int(state["num_classes"]))
     model.load_state_dict(state["model"])

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..core import strict_json
 from ..nn.condensed import CondensedLinear, CSRLinear
 from ._kinds import BATCHNORMS, CONSTANT_PRESERVING_POOLS, CONVS, ELEMENTWISE_MODULES
 
@@ -203,7 +204,7 @@ def save_exported(module: nn.Module, path: str | Path, *, arch: Mapping[str, Any
         "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)} for k, v in tensors.items()},
         "report": getattr(module, "regrow_export_report", None),
     }
-    spec_text = json.dumps(spec, indent=1, sort_keys=True)
+    spec_text = strict_json.dumps(spec, indent=1, sort_keys=True)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(spec_text)
     save_file(tensors, str(weights_path), metadata={
