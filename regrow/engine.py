@@ -134,10 +134,12 @@ class DynamicSparsity:
         always_sparse = [t.name for t in self.targets if not isinstance(t, MaskedTarget)]
         if always_sparse and not self.method.sparse_backend:
             raise ValueError(f"method '{method}' {self.method.sparse_backend_refusal} (always-sparse layers "
-                             f"{always_sparse[:3]}); use static, set or gse")
+                             f"{always_sparse[:3]}); use one of "
+                             f"{', '.join(m for m in METHODS if REGISTRY[m].sparse_backend)}")
 
         self.generator = torch.Generator().manual_seed(seed)
         self.method.plan(self.schedule)
+        self.method.attach(self.targets)
         self.method.init_masks([t for t in self.targets if not t.preinitialised], self.generator)
         self.sparse_init = sparse_init
         self.method.sparse_init = sparse_init   # randomly grown weights use the same scale

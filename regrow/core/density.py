@@ -21,11 +21,33 @@ def _raw_density(shape: Sequence[int], distribution: str) -> float:
     return sum(shape) / math.prod(shape)
 
 
-def layer_densities(shapes: Mapping[str, Sequence[int]], density: float,
-                    distribution: str = "erk") -> dict[str, float]:
+def _named_shapes(shapes) -> tuple[dict, bool]:
+    """``shapes`` (a mapping name -> shape, or a sequence of shapes, named by position) as a
+    dict of int tuples, and whether it was a sequence; anything else is a one-line error."""
+    if isinstance(shapes, Mapping):
+        named, was_sequence = dict(shapes), False
+    elif isinstance(shapes, Sequence) and not isinstance(shapes, str):
+        named, was_sequence = dict(enumerate(shapes)), True
+    else:
+        raise ValueError(f"shapes must be a mapping name -> shape or a sequence of shapes, got {type(shapes).__name__}")
+    out = {}
+    for name, shape in named.items():
+        dims = tuple(shape) if isinstance(shape, Sequence) and not isinstance(shape, str) else None
+        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+            raise ValueError(f"the shape of layer {name!r} must be a non-empty sequence of positive integers, "
+                             f"got {shape!r}" + (" (pass a list of shapes, not one shape)"
+                                                 if isinstance(shape, int) else ""))
+        out[name] = dims
+    return out, was_sequence
+
+
+def layer_densities(shapes: Mapping[str, Sequence[int]] | Sequence[Sequence[int]], density: float,
+                    distribution: str = "erk") -> dict[str, float] | list[float]:
     """Real-valued density per layer so that the total number of non-zeros is
     ``density * total``; any layer that would exceed density 1 is made dense and the
-    scale is solved again over the rest (RigL's loop)."""
+    scale is solved again over the rest (RigL's loop). ``shapes`` is a mapping name -> shape
+    (a dict comes back) or a sequence of shapes (a list comes back, in the same order)."""
+    shapes, was_sequence = _named_shapes(shapes)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution '{distribution}'; choose one of {', '.join(DISTRIBUTIONS)}")
     if not 0.0 < density <= 1.0:
@@ -44,18 +66,21 @@ def layer_densities(shapes: Mapping[str, Sequence[int]], density: float,
         if not saturated:
             break
         dense.update(saturated)
-    return {n: 1.0 if n in dense else min(1.0, scale * raw[n]) for n in shapes}
+    out = {n: 1.0 if n in dense else min(1.0, scale * raw[n]) for n in shapes}
+    return list(out.values()) if was_sequence else out
 
 
-def allocate_counts(shapes: Mapping[str, Sequence[int]], density: float,
-                    distribution: str = "erk") -> dict[str, int]:
-    """Exact integer non-zero counts per layer.
+def allocate_counts(shapes: Mapping[str, Sequence[int]] | Sequence[Sequence[int]], density: float,
+                    distribution: str = "erk") -> dict[str, int] | list[int]:
+    """Exact integer non-zero counts per layer: for a mapping name -> shape a dict, for a
+    sequence of shapes a list in the same order.
 
     Counts are the real-valued shares rounded by largest remainder, so the sum is exactly
     ``round(density * total)`` and every layer is within one weight of its share; a layer is
     never left empty (it takes one weight from the largest layer, or adds one when the target
     is smaller than the number of layers).
     """
+    shapes, was_sequence = _named_shapes(shapes)
     densities = layer_densities(shapes, density, distribution)
     numel = {name: math.prod(shape) for name, shape in shapes.items()}
     target = round(density * sum(numel.values()))
@@ -75,7 +100,7 @@ def allocate_counts(shapes: Mapping[str, Sequence[int]], density: float,
             if counts[donor] > 1:   # always true when the target is at least one per layer
                 counts[donor] -= 1
             counts[n] = 1
-    return counts
+    return list(counts.values()) if was_sequence else counts
 
 
 def constant_fan_ins(layers: Sequence[tuple[int, int, int]]) -> list[int]:

@@ -69,6 +69,15 @@ class SparseTarget(ABC):
         raise NotImplementedError(
             f"{type(self).__name__} never materialises the dense gradient of '{self.name}'")
 
+    def grad_rows(self, start: int, stop: int) -> torch.Tensor:
+        """dL/dW for output rows ``start:stop`` as a ``[stop - start, cols]`` tensor.
+
+        What RigL-family growth reads, one block of rows at a time (regrow.core.row_blocks),
+        so that no backend needs the whole ``[rows, cols]`` gradient at once. By default a slice
+        of :meth:`dense_grad`; a backend without one computes the block from what it captured.
+        """
+        return self.dense_grad()[start:stop]
+
     def activations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(h, delta)``: layer inputs ``[B, cols]`` and output gradients ``[B, rows]``
         captured at this update step, or None when not captured for this weight."""

@@ -79,9 +79,7 @@ class Method:
     sparse_backend: ClassVar[bool] = True  # works without dense tensors
     #: set by the engine: "fan_in" makes randomly grown weights use their neuron's fan-in scale
     sparse_init: str | None = None
-    sparse_backend_refusal: ClassVar[str] = (
-        "ranks every inactive connection by its dense gradient, an out x in tensor the "
-        "always-sparse backend never builds")
+    sparse_backend_refusal: ClassVar[str] = "needs dense weights, which always-sparse layers never hold"
     #: pruning at initialisation: the engine calls decide_masks inside the first step()
     decides_at_first_step: ClassVar[bool] = False
     #: the engine calls observe_gradients with every step's (unmasked) gradients
@@ -99,6 +97,10 @@ class Method:
 
     def plan(self, schedule) -> None:
         """Called once with the engine's UpdateSchedule before the masks are initialised."""
+
+    def attach(self, targets: Sequence[SparseTarget]) -> None:
+        """Called once with every target, always-sparse ones included, before ``init_masks``
+        (which sees only the targets whose topology the engine initialises)."""
 
     # -- initial topology ----------------------------------------------------------------
     def init_masks(self, targets: Sequence[SparseTarget], gen: torch.Generator) -> None:
