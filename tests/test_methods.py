@@ -154,7 +154,7 @@ def test_dstee_grows_the_top_of_its_score_at_a_later_update(c):
     data = batches(12, seed=2)
     for x, y in data[:11]:
         train_step(model, optimizer, dst, x, y)
-    counts = {n: v.clone() for n, v in dst.method.counts.items()}
+    counts = {n: dense_visits(dst, n) for n in dst.method.visits}
     x, y = data[11]
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
@@ -188,7 +188,18 @@ def test_dstee_counts_track_active_updates():
         train_step(model, optimizer, dst, x, y)
         if dst.step_count % 2 == 0:
             expected += t.mask.view(-1).int()
-    assert torch.equal(dst.method.counts[t.name], expected)
+    assert torch.equal(dense_visits(dst, t.name), expected)
+    keys, _ = dst.method.visits[t.name]
+    assert torch.equal(keys, t.ever_active.view(-1).nonzero().squeeze(1)), "counts are kept for ever-active keys only"
+
+
+def dense_visits(dst, name):
+    """DST-EE's visit counts as one dense vector (they are stored for ever-active keys only)."""
+    t = next(t for t in dst.targets if t.name == name)
+    keys, counts = dst.method.visits[name]
+    dense = torch.zeros(t.numel, dtype=torch.int32)
+    dense[keys] = counts
+    return dense
 
 
 def test_srigl_ablates_neurons_and_keeps_constant_fan_in():

@@ -8,6 +8,8 @@ Every operation is O(N) or O(m log N) for N active and m queried connections:
   rejection sampler calls;
 * ``grad_at`` computes dL/dw only for the asked pairs, ``sum_b delta[b, row] * h[b, col]``,
   from the inputs and output gradients the layer captured at the update step;
+* ``grad_rows`` computes the dense gradient of one block of output rows, ``delta_block^T h``,
+  which RigL-family growth scans block by block (regrow.core.row_blocks): never all rows;
 * ``rewire`` merges the kept and grown keys (searchsorted + scatter, no sort of the whole
   layer) and re-indexes the values, their gradient and the optimizer's per-weight state the
   same way: kept entries keep theirs, grown entries start at zero state;
@@ -73,6 +75,7 @@ class SparseLinearTarget(SparseTarget):
         self.budget = layer.nnz
         self._optimizer_state = optimizer_state
         self._keys: torch.Tensor | None = None
+        self._grad_block: torch.Tensor | None = None   # grad_rows' reused output buffer
         self._ever = layer.active_keys()
 
     # -- reading -------------------------------------------------------------------------
@@ -135,17 +138,30 @@ class SparseLinearTarget(SparseTarget):
         return mask.nonzero().squeeze(1)
 
     def grad_at(self, flat: torch.Tensor) -> torch.Tensor:
-        pair = self.layer.captured()
-        if pair is None:
-            raise RuntimeError(f"no inputs/output gradients were captured for '{self.name}' at this step; "
-                               "the engine arms the capture before an update step's forward")
-        h_t, delta_t = pair
+        h_t, delta_t = self._captured_pair()
         flat = flat.to(torch.long)
         r = torch.div(flat, self.cols, rounding_mode="floor").to(torch.int32)
         c = (flat % self.cols).to(torch.int32)
         # h and delta are this rank's shard of the batch: under DDP average over ranks, as DDP
         # does for p.grad, so that every rank scores (and grows) the same connections
         return all_reduce_mean(sampled_grad(self.rows, r, c, h_t, delta_t))
+
+    def grad_rows(self, start: int, stop: int) -> torch.Tensor:
+        # one block of dL/dW = delta^T h: [stop - start, B] x [B, cols], never all rows at once;
+        # written into one buffer reused by the blocks of a scan (fresh blocks fragment the heap)
+        h_t, delta_t = self._captured_pair()
+        n = (stop - start) * self.cols
+        if self._grad_block is None or self._grad_block.numel() < n or self._grad_block.dtype != h_t.dtype:
+            self._grad_block = torch.empty(n, dtype=h_t.dtype, device=h_t.device)
+        out = self._grad_block[:n].view(stop - start, self.cols)
+        return all_reduce_mean(torch.mm(delta_t[start:stop], h_t.t(), out=out))
+
+    def _captured_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.layer.captured()
+        if pair is None:
+            raise RuntimeError(f"no inputs/output gradients were captured for '{self.name}' at this step; "
+                               "the engine arms the capture before an update step's forward")
+        return pair
 
     def grad_available(self) -> bool:
         # the layer took no part in this step's forward/backward (an unused branch): the engine
@@ -172,6 +188,7 @@ class SparseLinearTarget(SparseTarget):
     def release(self) -> None:
         self.layer.disarm_capture()
         self._keys = None
+        self._grad_block = None
 
     def grad_is_finite(self) -> bool:
         g = self.layer.values.grad

@@ -1,10 +1,14 @@
 """RigL (Evci et al., 2020): grow the inactive connections with the largest |dL/dw|.
 
-Needs the dense gradient of the update step's batch (masked backend only); grown weights
+The gradient is the update step's dense one, read in blocks of output rows
+(regrow.core.row_blocks), so the always-sparse backend never holds it whole; grown weights
 start at zero with zero optimizer state.
 """
 from __future__ import annotations
 
+import torch
+
+from ..core.row_blocks import top_candidates
 from .base import Method, register
 
 
@@ -12,7 +16,7 @@ from .base import Method, register
 class RigL(Method):
     name = "rigl"
     needs_grad = True
-    sparse_backend = False
 
-    def grow_scores(self, target, candidates, ctx):
-        return target.grad_at(candidates).abs()
+    def grow(self, target, k, ctx):
+        return top_candidates(target, k, lambda block, out: torch.abs(block.grad, out=out),
+                              ties=lambda flat: ctx.ties(target, flat))

@@ -20,6 +20,10 @@ code (calgaryml/condensed-sparsity, ``rigl_constant_fan.py::_rigl_step``):
    official code); grown weights start at ``grow_init`` (zero), weights that stay active keep
    their value and optimizer state.
 
+The gradient is read in blocks of rows (``core.row_blocks``), never whole, so the same update
+runs on always-sparse layers (SparseLinear) without any out x in tensor; such a layer's budget
+is the N it was built with.
+
 Where regrow departs from the official code, on purpose:
 
 * The last sparsified layer (the classifier) is never ablated by default. The official code
@@ -42,7 +46,9 @@ from typing import Iterable
 import torch
 
 from ..core.density import constant_fan_ins
-from ..core.selection import largest_k, smallest_k
+from ..core.row_blocks import rank_within_rows, top_candidates, top_candidates_per_row
+from ..core.selection import smallest_k
+from ..core.sorted_keys import contains, merge_sorted, union_sorted
 from .base import Method, UpdateContext, register
 
 
@@ -50,7 +56,6 @@ from .base import Method, UpdateContext, register
 class SRigL(Method):
     name = "srigl"
     needs_grad = True
-    sparse_backend = False
 
     def __init__(self, *, gamma_sal: float = 0.3, ablation: bool = True,
                  exempt_layers: Iterable[str] | None = None, grow_init: str = "zero"):
@@ -65,9 +70,15 @@ class SRigL(Method):
         self.initial_fan_in: dict[str, int] = {}
         self.exempt: set[str] = set()      # parameter names never ablated
 
+    def attach(self, targets):
+        self.exempt = self._exempt_names(list(targets))
+        for t in targets:
+            if t.preinitialised:   # an always-sparse layer brings its own N: that is its budget
+                self.initial_fan_in[t.name] = max(1, t.nnz // t.rows)
+                self.totals[t.name] = t.nnz
+
     def init_masks(self, targets, gen):
         targets = list(targets)
-        self.exempt = self._exempt_names(targets)
         fan_ins = constant_fan_ins([(t.rows, t.cols, t.budget) for t in targets])
         for t, fan_in in zip(targets, fan_ins):
             order = torch.rand(t.rows, t.cols, generator=gen).argsort(dim=1)
@@ -94,39 +105,36 @@ class SRigL(Method):
         k = self.rewire_count(target, ctx)
         if k <= 0:
             return
-        dev = target.device
         active = target.active_indices()
-        values = target.active_values()
-        weight = torch.zeros(target.numel, device=dev, dtype=values.dtype)
-        weight[active] = values.abs()
-        was_active = torch.zeros(target.numel, dtype=torch.bool, device=dev)
-        was_active[active] = True
-        grad = target.dense_grad().abs().reshape(-1).to(weight.dtype)
-        keys = ctx.ties(target, torch.arange(target.numel, device=dev))
+        magnitude = target.active_values().abs()
+
+        def ties(flat):
+            return ctx.ties(target, flat)
+
+        def by_grad(block, out):   # the gradient is read in blocks of rows, never whole (core.row_blocks)
+            return torch.abs(block.grad, out=out)
 
         # 1. saliency: RigL's keep set plus the top-k |grad| over the whole layer
-        kept = was_active.clone()
-        kept[active[smallest_k(weight[active], k, tie_keys=keys[active])]] = False
-        salient = kept.clone()
-        salient[largest_k(grad, k, tie_keys=keys)] = True
+        is_kept = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
+        is_kept[smallest_k(magnitude, k, tie_keys=ties(active))] = False
+        kept = active[is_kept]
+        top_grad = top_candidates(target, k, by_grad, ties, excluded=active[:0])
+        salient = union_sorted(kept, top_grad)
 
         # 2-3. ablation and the survivors' fan-in
-        alive = self._surviving_neurons(target, salient.view(rows, cols).sum(1))
+        alive = self._surviving_neurons(target, torch.bincount(salient // cols, minlength=rows))
         fan_in = min(cols, self.totals[target.name] // int(alive.sum()))
 
-        # 4. per row: kept weights by |w|, then everything else by |grad|, ties by the hash
-        order = keys.view(rows, cols).argsort(dim=1, descending=True)
-        score = torch.where(kept, weight, grad).view(rows, cols).gather(1, order)
-        order = order.gather(1, score.argsort(dim=1, descending=True, stable=True))
-        order = order.gather(1, kept.view(rows, cols).gather(1, order).to(torch.int8)
-                             .argsort(dim=1, descending=True, stable=True))
-        new_mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
-        new_mask.scatter_(1, order[:, :fan_in], True)
-        new_mask[~alive] = False
-        new_mask = new_mask.view(-1)
+        # 4. per row: kept weights by |w| up to the fan-in, then everything else by |grad|,
+        #    ties by the hash
+        kept_row = kept // cols
+        stays = (rank_within_rows(kept_row, magnitude[is_kept], ties(kept)) < fan_in) & alive[kept_row]
+        short = (fan_in - torch.bincount(kept_row, minlength=rows)).clamp(min=0) * alive
+        regrown = top_candidates_per_row(target, short, by_grad, ties, excluded=kept)
+        new = merge_sorted(kept[stays], regrown)
 
-        drop = (was_active & ~new_mask).nonzero().squeeze(1)
-        grow = (~was_active & new_mask).nonzero().squeeze(1)
+        drop = active[~contains(new, active)] if new.numel() else active
+        grow = regrown[~target.is_active(regrown)]
         target.rewire(drop, grow, self.grow_values(target, grow.numel(), ctx.generator, grow))
         counts = target.row_counts()
         assert bool(((counts == 0) | (counts == fan_in)).all()), "srigl fan-in must be constant"
