@@ -212,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-run lines or table (the "
                    "written files are still listed)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "claims", formatter_class=fmt, help="measure the papers' claims and write a report with verdicts",
+        description="Run the experiments behind eight claims of the GSE, DST-EE, SRigL and ITOP papers "
+                    "(LeNet-300-100 on Fashion-MNIST, 3 seeds, and a GCN on the built-in community graph), "
+                    "then write OUT/claims.md and OUT/figures: each claim's sentence, setup, table, figure "
+                    "and verdict. Finished runs are reused: run the same command again to continue.",
+        epilog="example:\n  regrow claims --data-dir ../shared/data/fashion-mnist --out runs/claims --doc-dir docs\n"
+               "  regrow claims --quick --out /tmp/claims        # the pipeline on tiny settings")
+    p.add_argument("--out", metavar="DIR", default="runs/claims", help="folder of the runs (default: runs/claims)")
+    p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST's folder (not needed with --quick)")
+    p.add_argument("--only", type=lambda t: [int(v) for v in _names(t)], metavar="N1,N2,...",
+                   help="measure only these claims (1-8)")
+    p.add_argument("--seeds", type=int, metavar="N", help="seeds per setting (default: 3; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny settings (digits, one epoch): tests the pipeline, "
+                   "the verdicts mean nothing")
+    p.add_argument("--doc-dir", metavar="DIR", help="also write DIR/claims.md and DIR/figures/claims/")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-claim lines")
+    p.set_defaults(func=cmd_claims)
     return parser
 
 
@@ -309,6 +328,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_claims(args) -> int:
+    from .claims import run_claims
+    command = "regrow claims" + (" --quick" if args.quick else "") + (f" --only {','.join(map(str, args.only))}"
+                                                                        if args.only else "")
+    results = run_claims(args.out, quick=args.quick, only=args.only, data_dir=args.data_dir, seeds=args.seeds,
+                         doc_dir=args.doc_dir, command=command, progress=_show_progress(args),
+                         log=None if args.quiet else _log(args))
+    for r in results:
+        print(f"claim {r.number} ({r.title}): {r.verdict}")
+    print(f"written: {Path(args.out) / 'claims.md'}" + (f", {Path(args.doc_dir) / 'claims.md'}" if args.doc_dir else ""))
+    return 0
+
+
 def cmd_export(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "checkpoint.pt").is_file():
@@ -335,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = getattr(args, "run_dir", None)   # unset: interrupted before a run folder was chosen
         if args.command == "train" and run_dir is not None:
             hint = f"; continue with: regrow train --resume {run_dir}"
-        elif args.command in ("compare", "demo"):
+        elif args.command in ("compare", "demo", "claims"):
             hint = "; run the same command again to continue"
         print(f"regrow: interrupted{hint}", file=sys.stderr)
         return 130

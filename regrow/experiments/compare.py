@@ -72,7 +72,8 @@ def run_config(base: TrainConfig, spec: RunSpec) -> TrainConfig:
     The dense baseline trains every weight, which the always-sparse backend cannot do: under
     ``backend="sparse"`` it runs on the masked backend (the same dense layers, no mask).
     """
-    cfg = base.replace(method=spec.method, sparsity=spec.sparsity, seed=spec.seed, **dict(spec.settings))
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.settings}
+    cfg = base.replace(method=spec.method, sparsity=spec.sparsity, seed=spec.seed, **settings)
     if spec.method == "dense" and cfg.backend == "sparse":
         cfg = cfg.replace(backend="masked")
     keep = cfg.method_options(strict=False)

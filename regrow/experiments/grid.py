@@ -87,8 +87,10 @@ def value_label(value: Any) -> str:
 
 
 def changed_settings(base: TrainConfig, method: str, combo: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """The part of a grid point that applies to ``method`` and differs from ``base``."""
-    return tuple((k, v) for k, v in combo.items() if applies(method, k) and getattr(base, k) != v)
+    """The part of a grid point that applies to ``method`` and differs from ``base`` (list values
+    as tuples, so that a run's settings can be hashed)."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in combo.items()
+                 if applies(method, k) and getattr(base, k) != v)
 
 
 def find_cell(cells: list[dict], method: str, sparsity: float | None, point: Mapping) -> dict | None:
