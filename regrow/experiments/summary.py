@@ -49,7 +49,10 @@ def run_summary(run: Run, history: list[dict], wall_seconds: float) -> dict:
     stats = dst.stats()
     f_dense = flops.layers.dense
     f_sparse = flops.layers.forward(densities(run))
-    total_params = sum(p.numel() for p in model.parameters())
+    # the sparsified weights by their dense size and active count (an always-sparse layer stores
+    # only its active values, so counting its parameters as stored would mix the two)
+    sparsified = {t.name for t in dst.targets}
+    others = sum(p.numel() for name, p in model.named_parameters() if name not in sparsified)
     last = history[-1]
     summary = {
         "method": config.method, "sparsity": config.sparsity, "distribution": config.distribution,
@@ -62,8 +65,8 @@ def run_summary(run: Run, history: list[dict], wall_seconds: float) -> dict:
         "dense_forward_flops": f_dense, "sparse_forward_flops": f_sparse, "train_flops": flops.total,
         "wall_seconds": wall_seconds, "seconds_per_step": wall_seconds / max(dst.step_count, 1),
         "final_loss": last["loss"], "final_train_accuracy": last["train_accuracy"],
-        "params": {"total": total_params, "sparsified": stats["numel"], "active_sparsified": stats["nnz"],
-                   "active": total_params - stats["numel"] + stats["nnz"]},
+        "params": {"total": others + stats["numel"], "sparsified": stats["numel"],
+                   "active_sparsified": stats["nnz"], "active": others + stats["nnz"]},
         "layers": stats["layers"],
         "regrow_version": __version__, "torch_version": torch.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
