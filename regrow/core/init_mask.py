@@ -12,6 +12,7 @@ choices exist so that a trained model keeps what it learned.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping, Sequence
 
 import torch
@@ -60,3 +61,21 @@ def check_initialised(targets, init_mask: str, method) -> None:
                 raise ValueError(f"method '{method.name}' cannot start from the model's zeros in '{t.name}': "
                                  "its own rule for the initial topology (e.g. SRigL's constant fan-in) "
                                  "chose another mask; use init_mask='magnitude'")
+
+
+def warn_if_sparsity_unused(targets, sparsity: float | None) -> None:
+    """Layers that fixed their own count (``regrow.nn.SparseLinear``) ignore ``sparsity``: say
+    so when it differs from theirs, and that it does nothing at all when no other layer is left."""
+    own = [t for t in targets if t.preinitialised]
+    if sparsity is None or not own:
+        return
+    numel = sum(t.numel for t in own)
+    zeros = numel - sum(t.nnz for t in own)
+    if abs(round(sparsity * numel) - zeros) <= len(own):
+        return
+    nothing_else = len(own) == len(targets)
+    warnings.warn(
+        f"regrow: sparsity={sparsity} " + ("has no effect on any layer: every sparsified layer is always-sparse "
+                                          if nothing_else else "does not apply to the always-sparse layers ")
+        + f"{[t.name for t in own][:4]}, whose count was fixed when they were built (their sparsity is "
+        f"{zeros / numel:.4f}); set it with regrow.nn.sparsify(model, sparsity=...)", UserWarning, stacklevel=3)

@@ -1,9 +1,17 @@
-"""MNIST and Fashion-MNIST from IDX files (gzip-compressed or raw)."""
+"""MNIST and Fashion-MNIST from IDX files (gzip-compressed or raw).
+
+Each file's content is checked against the published files' SHA-256 (:data:`PUBLISHED`): the
+other data set's files are refused with a message naming both (the two have the same shapes,
+so training would otherwise run without a word), and a file that matches neither is used with
+a warning.
+"""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
+import warnings
 import zlib
 from pathlib import Path
 
@@ -20,6 +28,21 @@ MNIST_LIKE = {
     "mnist": ("MNIST", 0.1307, 0.3081),
     "fashion-mnist": ("FashionMNIST", 0.2860, 0.3530),
 }
+
+# SHA-256 of the *decompressed* published files, so that a copy stored raw or re-gzipped is still
+# recognised (the .gz files' own digests are in ../shared/data/*/SHA256SUMS; the tests check that
+# these are their contents).
+PUBLISHED: dict[str, tuple[str, str]] = {
+    "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db": ("mnist", "train-images-idx3-ubyte"),
+    "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5": ("mnist", "train-labels-idx1-ubyte"),
+    "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7": ("mnist", "t10k-images-idx3-ubyte"),
+    "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2": ("mnist", "t10k-labels-idx1-ubyte"),
+    "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888": ("fashion-mnist", "train-images-idx3-ubyte"),
+    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9": ("fashion-mnist", "train-labels-idx1-ubyte"),
+    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b": ("fashion-mnist", "t10k-images-idx3-ubyte"),
+    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34": ("fashion-mnist", "t10k-labels-idx1-ubyte"),
+}
+TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -45,12 +68,36 @@ def read_idx(path: str | Path) -> np.ndarray:
             differs from what the header's dimensions say (truncated or padded).
     """
     path = Path(path)
+    return _parse_idx(path, _idx_bytes(path))
+
+
+def _idx_bytes(path: Path) -> bytes:
+    """The file's IDX bytes (decompressed when gzip)."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
             raise ValueError(f"{path}: damaged gzip file ({exc})") from None
+    return raw
+
+
+def check_published(raw: bytes, path: Path, name: str, stem: str) -> None:
+    """Refuse a file that is another published file (the other data set's, or another split's);
+    warn about one that matches no published file."""
+    known = PUBLISHED.get(hashlib.sha256(raw).hexdigest())
+    if known is None:
+        warnings.warn(f"regrow: {path} is not the published {TITLES[name]} {stem} (its SHA-256 matches no "
+                      "published file); training on it as it is", UserWarning, stacklevel=5)
+    elif known[0] != name:
+        raise ValueError(f"{path.parent}: these files are {TITLES[known[0]]}, not {TITLES[name]} ({path.name} is "
+                         f"the published {TITLES[known[0]]} {known[1]}); use --dataset {known[0]} or point "
+                         f"--data-dir at the {TITLES[name]} files")
+    elif known[1] != stem:
+        raise ValueError(f"{path} is the published {TITLES[name]} {known[1]}, not {stem}")
+
+
+def _parse_idx(path: Path, raw: bytes) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     ndim = raw[3]
@@ -80,8 +127,13 @@ def find_file(data_dir: Path, stem: str, name: str) -> Path:
 
 
 def _read_pair(data_dir: Path, name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    images_path, labels_path = (find_file(data_dir, stem, name) for stem in _FILES[split])
-    images, labels = read_idx(images_path), read_idx(labels_path)
+    arrays = []
+    for stem in _FILES[split]:
+        path = find_file(data_dir, stem, name)
+        raw = _idx_bytes(path)
+        check_published(raw, path, name, stem)
+        arrays.append((path, _parse_idx(path, raw)))
+    (images_path, images), (labels_path, labels) = arrays
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(
             f"{images_path}: expected unsigned-byte images [N, H, W] (magic 2051), got {images.dtype} {images.shape}"
