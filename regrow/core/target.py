@@ -28,6 +28,8 @@ class SparseTarget(ABC):
     preinitialised: bool = False
     #: True when grad_at works from captured (h, delta): armed before every update step
     grad_needs_capture: bool = False
+    #: True when hooks on the layer's module capture ``(h, delta)`` at an armed update step
+    captures_activations: bool = False
 
     @property
     def numel(self) -> int:

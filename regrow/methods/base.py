@@ -103,10 +103,30 @@ class Method:
         (which sees only the targets whose topology the engine initialises)."""
 
     # -- initial topology ----------------------------------------------------------------
+    #: set by the engine (its ``init_mask``): "random", "magnitude" or "existing"
+    init_mask: str = "random"
+
     def init_masks(self, targets: Sequence[SparseTarget], gen: torch.Generator) -> None:
-        """Random masks with each layer's exact budget (a fixed random sparse network)."""
+        """Masks with each layer's exact budget: random (a fixed random sparse network), or the
+        budget's largest entries of :meth:`init_priority` for ``init_mask`` magnitude/existing."""
         for t in targets:
-            t.set_mask(random_mask(t, t.budget, gen))
+            if self.init_mask == "random":
+                t.set_mask(random_mask(t, t.budget, gen))
+            else:
+                keep = largest_k(self.init_priority(t).reshape(-1), t.budget)
+                mask = torch.zeros(t.numel, dtype=torch.bool, device=keep.device)
+                mask[keep] = True
+                t.set_mask(mask.view(t.rows, t.cols))
+
+    def init_priority(self, target: SparseTarget) -> torch.Tensor:
+        """``[rows, cols]`` scores a non-random initial mask keeps the largest of: |w| for
+        "magnitude", w != 0 for "existing" (read before any mask is set: every entry active)."""
+        values = target.active_values()
+        if values.numel() != target.numel:
+            raise ValueError(f"'{target.name}' already has a mask; init_mask={self.init_mask!r} reads the "
+                             "weights of an unmasked layer")
+        w = values.reshape(target.rows, target.cols)
+        return w.abs() if self.init_mask == "magnitude" else (w != 0).to(w.dtype)
 
     def observe_gradients(self, targets: Sequence[SparseTarget]) -> None:
         """Every step, before the gradients are masked (``target.dense_grad()``; a layer

@@ -81,7 +81,10 @@ class SRigL(Method):
         targets = list(targets)
         fan_ins = constant_fan_ins([(t.rows, t.cols, t.budget) for t in targets])
         for t, fan_in in zip(targets, fan_ins):
-            order = torch.rand(t.rows, t.cols, generator=gen).argsort(dim=1)
+            if self.init_mask == "random":
+                order = torch.rand(t.rows, t.cols, generator=gen).argsort(dim=1)
+            else:   # each row keeps its fan-in largest priorities (|w|, or the existing non-zeros)
+                order = self.init_priority(t).cpu().argsort(dim=1, descending=True, stable=True)
             mask = torch.zeros(t.rows, t.cols, dtype=torch.bool)
             mask.scatter_(1, order[:, :fan_in], True)
             t.set_mask(mask)
