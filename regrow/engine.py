@@ -14,7 +14,7 @@ from .core.layers import find_sparsifiable
 from .methods import METHODS, REGISTRY, UpdateContext, make_method
 from .methods.base import FirstStep
 from .core.first_input import FirstInputShape
-from .core.metrics import sparsity_stats
+from .core.metrics import rewired_counts, sparsity_stats
 from .core.optim_state import OptimizerStateMasker, check_optimizer
 from .core.schedules import UpdateSchedule
 from .core.sparse_init import check_sparse_init, rescale_to_active_fan_in
@@ -150,6 +150,8 @@ class DynamicSparsity:
                     rescale_to_active_fan_in(t.param.data, t.mask)
         self._step = 0
         self._updates = 0
+        self._due: bool | None = None   # set between before_ and after_optimizer_step
+        self.last_update: dict | None = None
         if self.check_masks:
             check_masks_agree(self.targets, 0)   # per-rank seeds show here (static never updates)
         # pruning at init: the first forward's input shape is noted, the masks decided in step 1
@@ -186,6 +188,18 @@ class DynamicSparsity:
         """
         if scaler is not None:
             scaler.unscale_(self.optimizer)
+        self.before_optimizer_step(closure)
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)
+        self.after_optimizer_step()
+
+    def before_optimizer_step(self, closure=None) -> None:
+        """The part of :meth:`step` before ``optimizer.step()``, for loops that step the optimizer
+        themselves (the Trainer and Lightning callbacks in ``regrow.integrations``): decides
+        whether this step rewires, keeps the gradients the update reads, masks the gradients.
+        Call :meth:`after_optimizer_step` right after the optimizer step."""
         t = self._step + 1
         if t == 1 and self.method.decides_at_first_step:
             self._decide_masks(closure)
@@ -193,21 +207,24 @@ class DynamicSparsity:
         # only a method that reads gradients is misled by a non-finite one (GMP must not skip)
         if due and self.method.needs_grad and not all(target.grad_is_finite() for target in self.targets):
             warnings.warn(f"regrow: non-finite gradient at step {t}; skipping this topology update",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
             due = False
         if due and self.method.needs_grad:
             for target in self.targets:
                 target.snapshot_grad()
         if self.method.observes_gradients:
             self._observe_gradients(t)
-        masked = self.method.masked
-        for target in self.targets if masked else ():
+        for target in self.targets if self.method.masked else ():
             target.mask_grad()
-        if scaler is None:
-            self.optimizer.step()
-        else:
-            scaler.step(self.optimizer)
-        for target in self.targets if masked else ():
+        self._due = due
+
+    def after_optimizer_step(self) -> None:
+        """The part of :meth:`step` after ``optimizer.step()``: masks re-applied, the topology
+        updated when due, the step counted."""
+        if self._due is None:
+            raise RuntimeError("after_optimizer_step() without before_optimizer_step() for this step")
+        t, due, self._due = self._step + 1, self._due, None
+        for target in self.targets if self.method.masked else ():
             target.apply_mask()
         if due:
             self._update_topology(t)
@@ -290,11 +307,15 @@ class DynamicSparsity:
         ctx = UpdateContext(step=t, fraction=self.schedule.fraction(t), generator=self.generator,
                             seed=self.seed)
         with torch.no_grad():
+            before = {target.name: target.active_indices().clone() for target in self.targets}
             for target in self.targets:
                 if self.method.needs_grad and not target.grad_available():
                     continue   # no gradient reached this layer at this step: nothing to grow by
                 self.method.update(target, ctx)
             self.method.after_update(self.targets, ctx)
+        self.last_update = {"step": t, "drop_fraction": ctx.fraction, "layers": {
+            target.name: rewired_counts(before[target.name], target.active_indices())
+            for target in self.targets}}
         self._updates += 1
         if self.check_masks:
             check_masks_agree(self.targets, t)

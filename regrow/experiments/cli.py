@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", formatter_class=fmt, help="train one run into a folder",
         description="Train one model with a sparse training method. Writes OUT/config.yaml (the resolved "
-                    "configuration), OUT/metrics.jsonl (one line per epoch), OUT/checkpoint.pt (every epoch "
+                    "configuration), OUT/metrics.jsonl (one line per epoch), OUT/updates.jsonl (one line per topology update), OUT/checkpoint.pt (every epoch "
                     "and every --checkpoint-every steps) and, when finished, OUT/summary.json.",
         epilog="example:\n  regrow train --method gse --sparsity 0.98 --model mlp --dataset fashion-mnist \\\n"
                "      --data-dir ../shared/data/fashion-mnist --epochs 10 --seed 0 --out runs/gse98\n"
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with its own configuration (only --threads may be given besides)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines (the final "
                    "result line, with the run folder, is still printed)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars (loss, accuracy, "
+                   "density, ITOP, learning rate) to OUT/tensorboard; needs the tensorboard package")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -263,12 +265,13 @@ def _train_command(args, *, quiet: bool) -> int:
             from .checkpoint import load_run_checkpoint
             config = from_dict(load_run_checkpoint(args.resume)["config"]).replace(threads=args.threads)
         out = Path(args.resume)
-        summary = train(config, out, resume=True, progress=_show_progress(args), log=_log(args))
+        summary = train(config, out, resume=True, progress=_show_progress(args), log=_log(args),
+                        tensorboard=args.tensorboard)
     else:
         config = resolve_config(args)
         out = Path(args.out or f"runs/{config.method}-sp{config.sparsity:g}-seed{config.seed}")
         args.run_dir = out   # for the Ctrl-C hint in main()
-        summary = train(config, out, progress=_show_progress(args), log=_log(args))
+        summary = train(config, out, progress=_show_progress(args), log=_log(args), tensorboard=args.tensorboard)
     if not quiet:
         print(f"{summary['method']} at sparsity {summary['sparsity']:g}: test accuracy "
               f"{100 * summary['test_accuracy']:.2f}% (best {100 * summary['best_test_accuracy']:.2f}%), "

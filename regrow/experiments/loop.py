@@ -51,11 +51,12 @@ def progress_bar(iterable=None, **kwargs):
 
 def train_epoch(run: Run, net, epoch: int, first: int, sums: EpochSums, *, progress: bool,
                 position: int, stop_after_steps: int | None,
-                checkpoint: Callable[[int, int, EpochSums], None]) -> bool:
+                checkpoint: Callable[[int, int, EpochSums], None], watch=None) -> bool:
     """Train batches ``first..`` of ``epoch`` into ``sums``; False when ``stop_after_steps`` hit.
 
     ``checkpoint(epoch, next_batch, sums)`` is called every ``checkpoint_every`` steps inside the
-    epoch (the epoch's end is checkpointed by the caller).
+    epoch (the epoch's end is checkpointed by the caller). ``watch``, a
+    :class:`~regrow.experiments.watch.RunWatch`, sees every step.
     """
     config, dst, group = run.config, run.dst, run.group
     run.data.train.set_epoch(epoch)
@@ -92,6 +93,8 @@ def train_epoch(run: Run, net, epoch: int, first: int, sums: EpochSums, *, progr
         first = dst.step_count == 0
         # grasp decides its masks from the first batch's loss, recomputed with a graph
         dst.step(closure=lambda: run.loss_fn(net(x), y))
+        if watch is not None:   # per-update lines and TensorBoard (regrow.experiments.watch)
+            watch.after_step(dst, epoch, loss_value, run.optimizer.param_groups[0]["lr"])
         run.scheduler.step()
         if update or first:   # pruning at init sets its masks inside the first step
             layer_density, layer_counts = densities(run), counts(run)

@@ -36,6 +36,7 @@ from .runfiles import (CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, read_metrics, re
                        write_metrics)
 from .setup import Run, build_model, build_run, epoch_order, lr_factor, make_optimizer, make_sparsity
 from .summary import epoch_line, epoch_row, run_summary
+from .watch import RunWatch
 
 __all__ = ["train", "load_trained", "default_log", "build_model", "epoch_order", "lr_factor",
            "make_optimizer", "make_sparsity", "read_metrics", "read_summary", "CONFIG_NAME",
@@ -45,7 +46,7 @@ __all__ = ["train", "load_trained", "default_log", "build_model", "epoch_order",
 def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False,
           progress: bool = False, log: Callable[[str], None] | None = None,
           progress_position: int = 0, is_main_process: bool = True,
-          stop_after_steps: int | None = None) -> dict | None:
+          stop_after_steps: int | None = None, tensorboard: bool = False) -> dict | None:
     """Train one run into ``out_dir`` and return its summary.
 
     Args:
@@ -59,6 +60,8 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         is_main_process: only the main process writes files (for data-parallel training).
         stop_after_steps: stop after this global step without writing anything more, as if
             the process were killed there (to test resuming); returns None.
+        tensorboard: also write TensorBoard scalars to ``out_dir/tensorboard`` (see
+            :mod:`.watch`; needs the tensorboard package). Every run writes ``updates.jsonl``.
 
     Raises:
         ValueError / FileNotFoundError: bad configuration, data or run directory; the run folder
@@ -71,7 +74,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     writes = is_main_process and group.is_main
     if not writes:
         return _train(config, out, resume, progress=False, log=None, progress_position=progress_position,
-                      writes=False, group=group, stop_after_steps=stop_after_steps)
+                      writes=False, group=group, stop_after_steps=stop_after_steps, tensorboard=False)
     if not resume:
         if config is None:
             raise ValueError("train() needs a config unless resuming")
@@ -80,12 +83,12 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     # one writer per run folder, released on exit, crash or kill (a missing folder fails below)
     with run_lock(out) if out.is_dir() else contextlib.nullcontext():
         return _train(config, out, resume, progress=progress, log=log, progress_position=progress_position,
-                      writes=True, group=group, stop_after_steps=stop_after_steps)
+                      writes=True, group=group, stop_after_steps=stop_after_steps, tensorboard=tensorboard)
 
 
 def _train(config: TrainConfig | None, out: Path, resume: bool, *, progress: bool,
            log: Callable[[str], None] | None, progress_position: int, writes: bool, group,
-           stop_after_steps: int | None) -> dict | None:
+           stop_after_steps: int | None, tensorboard: bool) -> dict | None:
     config, state = _config_and_checkpoint(config, out, resume)
     config.validate()
     if config.threads:
@@ -106,6 +109,8 @@ def _train(config: TrainConfig | None, out: Path, resume: bool, *, progress: boo
         save_yaml(config, out / CONFIG_NAME)
     if writes:
         write_metrics(out / METRICS_NAME, history)
+    watch = RunWatch(out, tensorboard=tensorboard, resumed_step=None if state is None else int(state["step"])) \
+        if writes else None
 
     session_start = time.perf_counter()
 
@@ -131,26 +136,33 @@ def _train(config: TrainConfig | None, out: Path, resume: bool, *, progress: boo
             sums = EpochSums()
         try:
             finished = train_epoch(run, net, epoch, first, sums, progress=progress, position=progress_position,
-                                   stop_after_steps=stop_after_steps, checkpoint=checkpoint)
+                                   stop_after_steps=stop_after_steps, checkpoint=checkpoint, watch=watch)
         except NonFiniteLoss as err:
             epochs_bar.close()
+            if watch is not None:
+                watch.close()
             kept = (f"the last good checkpoint, {out / CHECKPOINT_NAME} (step {saved_step[0]}), is kept; lower "
                     "--lr or check the data, then start again" if saved_step[0] is not None else
                     "no checkpoint was written yet; lower --lr or check the data")
             raise NonFiniteLoss(f"{err}; training stopped: {kept}") from None
         if not finished:
             epochs_bar.close()
+            if watch is not None:
+                watch.close()
             return None
         row = epoch_row(run, epoch, sums.over_ranks(group))
         history.append(row)
         sums = EpochSums()
         if writes:
             write_metrics(out / METRICS_NAME, history)
+            watch.after_epoch(row)
         checkpoint(epoch + 1, 0, sums)
         epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", test=f"{row['test_accuracy']:.4f}",
                                density=f"{row['density']:.3f}")
         _log_epoch(log, progress, epoch_line(config, row))
     epochs_bar.close()
+    if watch is not None:
+        watch.close()
 
     summary = run_summary(run, history, wall())
     if writes:
