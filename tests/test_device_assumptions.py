@@ -70,3 +70,34 @@ def test_initial_masks_depend_on_the_seed_only():
     assert a.generator.device.type == "cpu"
     assert a.masks.keys() == b.masks.keys()
     assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+def test_sampled_grad_of_a_layers_own_topology_needs_no_sort(route):
+    # the backward's weight gradient on torch.sparse (the CUDA path) passes the topology's row
+    # pointer instead of sorting the pairs and counting rows (bincount syncs on CUDA)
+    from regrow.nn.sparse_linear import sampled_grad
+    layer = SparseLinear(30, 20, 0.3, seed=2)
+    topo = layer.topology()
+    h_t, delta_t = torch.randn(30, 9), torch.randn(20, 9)
+    sorted_path = sampled_grad(20, topo.row, topo.col_long, h_t, delta_t, crow=topo.crow)
+    sorting_path = sampled_grad(20, topo.row, topo.col, h_t, delta_t)
+    want = (delta_t @ h_t.t())[topo.row.long(), topo.col.long()]
+    torch.testing.assert_close(sorted_path, want)
+    torch.testing.assert_close(sorting_path, want)
+
+
+def test_torch_sparse_backward_matches_the_dense_layer(monkeypatch):
+    from regrow.nn import _sparse_kernels
+    monkeypatch.setattr(_sparse_kernels, "load", lambda: None)   # the route CUDA takes
+    layer = SparseLinear(25, 14, 0.2, seed=6)
+    dense = nn.Linear(25, 14)
+    with torch.no_grad():
+        dense.weight.copy_(layer.to_dense())
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(7, 25)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(xs).square().sum().backward()
+    dense(xd).square().sum().backward()
+    torch.testing.assert_close(xs.grad, xd.grad)
+    torch.testing.assert_close(layer.values.grad, dense.weight.grad[layer.row_indices.long(), layer.col_indices.long()])
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad)

@@ -17,6 +17,7 @@ matmuls and ``sampled_addmm``) otherwise (CUDA, float64, or no C compiler), same
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -130,18 +131,28 @@ class _Topology:
         from the CSR order (the plain CSC is then not built)."""
         return self._panel_major(kernels, batch, "row") or (*self.csc(), 1)
 
+    # torch.sparse (the CUDA path) takes int64 indices: converted once per topology, not per call
+    @functools.cached_property
+    def col_long(self) -> torch.Tensor:
+        return self.col.long()
+
+    @functools.cached_property
+    def _csc_long(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ccol, row_t, perm = self.csc()
+        return ccol, row_t.long(), perm.long()
+
     def csr_tensor(self, values: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(self.crow, self.col.long(), values, (self.rows, self.cols),
+            return torch.sparse_csr_tensor(self.crow, self.col_long, values, (self.rows, self.cols),
                                            check_invariants=False)
 
     def csc_as_csr_tensor(self, values: torch.Tensor) -> torch.Tensor:
         """W^T as a CSR tensor [cols, rows]."""
-        ccol, row_t, perm = self.csc()
+        ccol, row_t, perm = self._csc_long
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.sparse_csr_tensor(ccol, row_t.long(), values[perm.long()], (self.cols, self.rows),
+            return torch.sparse_csr_tensor(ccol, row_t, values[perm], (self.cols, self.rows),
                                            check_invariants=False)
 
 
@@ -175,12 +186,20 @@ def _use_kernel(*tensors: torch.Tensor) -> _sparse_kernels.SparseKernels | None:
 
 
 def sampled_grad(topo_rows: int, r: torch.Tensor, c: torch.Tensor, h_t: torch.Tensor,
-                 delta_t: torch.Tensor) -> torch.Tensor:
+                 delta_t: torch.Tensor, crow: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_b delta[b, r_j] * h[b, c_j]`` for each pair (int32 ``r``, ``c``), from
-    feature-major ``h^T [cols, B]`` and ``delta^T [rows, B]``; O(B) per pair."""
+    feature-major ``h^T [cols, B]`` and ``delta^T [rows, B]``; O(B) per pair. ``crow``: the
+    row pointer when the pairs already are in CSR order (a layer's own topology)."""
     kernels = _use_kernel(h_t, delta_t)
-    if kernels is not None:
-        return kernels.sddmm(r, c, delta_t.contiguous(), h_t.contiguous())
+    if kernels is not None:   # the compiled loop reads int32 indices
+        return kernels.sddmm(r.to(torch.int32), c.to(torch.int32), delta_t.contiguous(), h_t.contiguous())
+    if crow is not None:
+        # already sorted: no argsort, and no bincount, whose output size costs CUDA a host sync
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pattern = torch.sparse_csr_tensor(crow, c.long(), torch.zeros(c.numel(), dtype=h_t.dtype, device=h_t.device),
+                                              (topo_rows, h_t.shape[0]), check_invariants=False)
+            return torch.sparse.sampled_addmm(pattern, delta_t, h_t.t(), beta=0.0).values()
     # torch.sparse route: sampled_addmm over a CSR pattern of the pairs, sorted row-major
     key = r.long() * h_t.shape[0] + c.long()
     order = torch.argsort(key)
@@ -251,7 +270,7 @@ class _SparseLinearFunction(torch.autograd.Function):
             else:
                 grad_x = torch.sparse.mm(topo.csc_as_csr_tensor(values), g_t).t()
         if ctx.needs_input_grad[1] and grad_v is None:
-            grad_v = sampled_grad(topo.rows, topo.row, topo.col, x_t, g_t) if kernels is None \
+            grad_v = sampled_grad(topo.rows, topo.row, topo.col_long, x_t, g_t, crow=topo.crow) if kernels is None \
                 else kernels.sddmm(topo.row, topo.col, g_t, x_t)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g_t.sum(1)
