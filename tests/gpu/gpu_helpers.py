@@ -122,6 +122,10 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
 
 
+#: methods that move connections between layers (SNFS's momentum redistribution)
+TOTAL_COUNT_METHODS = {"snfs"}
+
+
 def per_weight_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> list[torch.Tensor]:
     return [v for v in optimizer.state.get(param, {}).values()
             if isinstance(v, torch.Tensor) and v.shape == param.shape]
@@ -132,11 +136,11 @@ def check_invariants(run: Run) -> None:
     params = dict(run.model.named_parameters())
     method = run.dst.method.name
     at_first_step = getattr(run.dst.method, "decides_at_first_step", False)   # snip, grasp, synflow
-    if at_first_step:   # dense until the first step; then the total budget, ranked over all layers
-        if run.dst.step_count == 0:
-            assert all(t.nnz == t.numel for t in run.dst.targets)
-        else:
-            assert sum(t.nnz for t in run.dst.targets) == sum(t.budget for t in run.dst.targets)
+    total_only = at_first_step or method in TOTAL_COUNT_METHODS
+    if at_first_step and run.dst.step_count == 0:   # dense until the first step decides
+        assert all(t.nnz == t.numel for t in run.dst.targets)
+    elif total_only:   # layers trade connections; the network's total is the budget's
+        assert sum(t.nnz for t in run.dst.targets) == sum(t.budget for t in run.dst.targets)
     for t in run.dst.targets:
         p, mask = params[t.name], t.mask
         assert mask.device == p.device, f"{t.name}: mask on {mask.device}, weight on {p.device}"
@@ -150,7 +154,7 @@ def check_invariants(run: Run) -> None:
             assert bool(((counts == 0) | (counts == counts.max())).all()), f"{t.name}: fan-in not constant"
         elif method == "gmp":
             assert t.budget <= t.nnz <= t.numel
-        elif not at_first_step:
+        elif not total_only:
             assert t.nnz == t.budget, f"{t.name}: {t.nnz} active, budget {t.budget}"
 
 

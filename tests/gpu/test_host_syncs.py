@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import regrow
+from regrow.methods import REGISTRY
 from gpu_helpers import MODELS, Run, batches, counting_syncs, make_optimizer, skip_module_without_device
 
 skip_module_without_device()
@@ -30,7 +31,11 @@ def _plain_twin(run: Run, opt: str) -> tuple[torch.nn.Module, torch.optim.Optimi
 @pytest.mark.parametrize("opt,precision", CASES)
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("method", regrow.METHODS)
-def test_step_adds_no_host_sync_outside_updates(cuda_only, method, model, opt, precision):
+def test_step_adds_no_host_sync_outside_updates(request, cuda_only, method, model, opt, precision):
+    if REGISTRY[method].observes_gradients:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "known: the engine checks every layer's gradient for inf/NaN on the host at every step "
+            "before a method observes it (engine._observe_gradients); see docs/gpu.md")))
     device = cuda_only
     run = Run(device, method, model, opt, precision, total_steps=12, update_interval=3)
     twin, twin_opt, twin_scaler = _plain_twin(run, opt)

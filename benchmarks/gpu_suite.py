@@ -1,0 +1,421 @@
+"""The whole GPU check in one run: the GPU test suite, then the GPU benchmarks (docs/gpu.md).
+
+A session with a GPU runs this once; everything lands in one JSON file (written after each
+part, so a run cut short keeps what it finished) plus the test log:
+
+* ``tests``: ``pytest -m gpu tests/gpu`` on the device (pass/fail counts, the log's tail).
+* ``engine_overhead``: a training step with the masked engine (RigL, 90%, ordinary steps) vs
+  plain dense training, ResNet-18 and ViT on 3x32x32 inputs, batch 128, bf16 autocast, SGD.
+  Goal: at most 5% more time per step.
+* ``rigl_update``: the time of a RigL update step (gradient snapshot, finiteness check, drop
+  and grow in every layer) against an ordinary step of the same run.
+* ``condensed``: CondensedLinear vs dense vs CSR at 90% sparsity (constant fan-in), batch 256
+  (and 1), widths 1024/4096/8192, fp32; every variant checked equal to dense first.
+  Goal: ahead of both (SRigL reports 1.7x over dense and 13x over CSR on a Titan V).
+* ``sparse_linear``: SparseLinear forward+backward vs nn.Linear at 90/95/98/99% sparsity,
+  batch 128, 4096 wide, fp32 (dense also with TF32 and bf16, for reference); host syncs per
+  forward+backward counted.
+* ``ddp``: recorded as not run when fewer than two GPUs are visible.
+
+    python benchmarks/gpu_suite.py                          # on the GPU machine
+    python benchmarks/gpu_suite.py --out-dir "$OUT"         # results where the device tool fetches them
+    python benchmarks/gpu_suite.py --device cpu --quick     # smoke check of this script, tiny sizes
+
+Timings on CUDA are medians of CUDA-event-timed blocks, variants interleaved round by round.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import regrow  # noqa: E402
+from regrow.models import build  # noqa: E402
+from regrow.nn import CondensedLinear, CSRLinear, SparseLinear  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- plumbing ---------------------------------------------------------------------------------
+class Report:
+    """One JSON document, rewritten after every part."""
+
+    def __init__(self, path: Path):
+        self.path, self.data = path, {}
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def block_seconds(fn, n: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` over ``n`` back-to-back calls (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+def interleaved(fns: dict, device: torch.device, rounds: int, target_s: float, warmup: int = 3) -> dict:
+    """Median seconds per call of each function, the variants timed in turn, round by round;
+    each block holds enough calls to last about ``target_s``."""
+    per_call = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        per_call[name] = max(block_seconds(fn, 1, device), 1e-6)
+    reps = {n: max(1, min(500, int(target_s / per_call[n]))) for n in fns}
+    samples = {n: [] for n in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(block_seconds(fn, reps[name], device))
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def count_syncs(fn, device: torch.device) -> int | None:
+    """Host-device synchronisations during one call of ``fn`` (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "device": str(device),
+           "tf32_matmul_default": torch.backends.cuda.matmul.allow_tf32}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=torch.cuda.get_device_name(device), gpu_count=torch.cuda.device_count(),
+                   capability=f"{props.major}.{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   cudnn=torch.backends.cudnn.version())
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
+    return env
+
+
+# -- 1. the GPU test suite --------------------------------------------------------------------
+def run_tests(device: torch.device, out_dir: Path, quick: bool, keyword: str | None, timeout_s: int) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu", "-p", "no:cacheprovider"]
+    if keyword is None and quick:
+        keyword = "(mlp and sgd and fp32) or test_layers or (test_export and mlp)"
+    if keyword:
+        cmd += ["-k", keyword]
+    if device.type == "cuda" and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", "4"]   # one GPU, four processes: the tiny models leave it mostly idle
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd += ["--timeout", "300"]
+    env = dict(os.environ, REGROW_TEST_DEVICE=str(device), PYTHONUNBUFFERED="1")
+    log(f"tests: {' '.join(cmd)}")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        output, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        output, rc = output + f"\n[gpu_suite] tests stopped after {timeout_s} s\n", None
+    (out_dir / "gpu_tests.log").write_text(output)
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", output)}
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.M)
+    result = {"command": " ".join(cmd), "returncode": rc, "seconds": round(time.perf_counter() - t0, 1),
+              "counts": counts, "failed": failed[:50], "tail": output[-3000:]}
+    log(f"tests: rc={rc} {counts} in {result['seconds']} s")
+    return result
+
+
+# -- 2. masked-engine overhead and RigL's update step -----------------------------------------
+def model_specs(quick: bool) -> dict:
+    if quick:
+        return {"resnet18": ((3, 8, 8), {"width": 0.0625}), "vit": ((3, 8, 8), {"dim": 16, "depth": 1, "heads": 2})}
+    # ResNet-18 as in the DST papers (CIFAR variant); a ViT-Tiny-like ViT on 32x32 (patch 4: 64 tokens)
+    return {"resnet18": ((3, 32, 32), {}),
+            "vit": ((3, 32, 32), {"patch_size": 4, "dim": 192, "depth": 6, "heads": 3, "mlp_ratio": 4.0})}
+
+
+class Trainer:
+    """One model + SGD, stepping either plainly or through DynamicSparsity."""
+
+    def __init__(self, name, in_shape, options, device, batch, method=None, update_interval=100,
+                 total_steps=10_000):
+        torch.manual_seed(0)
+        self.model = build(name, 10, in_shape, **options).to(device)
+        self.device = device
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.dst = None if method is None else regrow.DynamicSparsity(
+            self.model, self.opt, method=method, sparsity=0.9, total_steps=total_steps,
+            update_interval=update_interval, stop_fraction=1.0)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(batch, *in_shape, generator=g).to(device)
+        self.y = torch.randint(0, 10, (batch,), generator=g).to(device)
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        if self.dst is None:
+            self.opt.step()
+        else:
+            self.dst.step()
+
+
+def bench_engine_overhead(device, quick, rounds, target_s) -> list[dict]:
+    batch = 8 if quick else 128
+    rows = []
+    for name, (in_shape, options) in model_specs(quick).items():
+        # update_interval beyond the timed steps: every timed step is an ordinary one
+        dense = Trainer(name, in_shape, options, device, batch)
+        static = Trainer(name, in_shape, options, device, batch, method="static")
+        rigl = Trainer(name, in_shape, options, device, batch, method="rigl", update_interval=1_000_000,
+                       total_steps=10_000_000)
+        med = interleaved({"dense": dense.step, "static": static.step, "rigl": rigl.step}, device, rounds, target_s)
+        row = {"model": name, "batch": batch, "precision": "bf16 autocast", "optimizer": "SGD momentum",
+               "sparsity": 0.9, "ms_per_step": {k: round(v * 1e3, 4) for k, v in med.items()},
+               "overhead_pct": {k: round(100 * (med[k] / med["dense"] - 1), 2) for k in ("static", "rigl")}}
+        # host syncs of one ordinary dst.step() (forward/backward done outside the count)
+        rigl.opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            F.cross_entropy(rigl.model(rigl.x), rigl.y).backward()
+        row["step_syncs"] = count_syncs(rigl.dst.step, device)
+        row["goal_overhead_pct"], row["goal_met"] = 5.0, row["overhead_pct"]["rigl"] <= 5.0
+        rows.append(row)
+        log(f"engine {name}: {row['ms_per_step']} ms/step, overhead {row['overhead_pct']} %")
+        del dense, static, rigl
+    return rows
+
+
+def bench_rigl_update(device, quick, steps) -> list[dict]:
+    batch = 8 if quick else 128
+    rows = []
+    for name, (in_shape, options) in model_specs(quick).items():
+        run = Trainer(name, in_shape, options, device, batch, method="rigl", update_interval=4, total_steps=10_000)
+        for _ in range(4):
+            run.step()
+        times = {"update": [], "ordinary": []}
+        for _ in range(steps):
+            kind = "update" if run.dst.schedule.is_update(run.dst.step_count + 1) else "ordinary"
+            sync(device)
+            t = time.perf_counter()
+            run.step()
+            sync(device)
+            times[kind].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"model": name, "batch": batch, "sparsity": 0.9, "update_interval": 4,
+               "ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+               "update_cost_ms": round((med["update"] - med["ordinary"]) * 1e3, 3),
+               "samples": {k: len(v) for k, v in times.items()},
+               "layers": len(run.dst.targets), "sparsified_weights": sum(t.numel for t in run.dst.targets)}
+        rows.append(row)
+        log(f"rigl update {name}: {row['ms']} ms, update costs {row['update_cost_ms']} ms")
+    return rows
+
+
+# -- 3. inference layers: condensed vs dense vs CSR -------------------------------------------
+def constant_fan_in_layer(width: int, sparsity: float, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, round(width * (1 - sparsity)))
+    idx = torch.rand(width, width, generator=g).topk(k, dim=1).indices
+    mask = torch.zeros(width, width, dtype=torch.bool).scatter_(1, idx, True)
+    weight = torch.randn(width, width, generator=g) / k ** 0.5 * mask
+    return weight.to(device), mask.to(device), torch.randn(width, generator=g).to(device)
+
+
+def _with_tf32(fn):
+    """``fn`` with TF32 matmuls allowed (torch's default for float32 is off)."""
+    def run():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return fn()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+    return run
+
+
+def bench_condensed(device, quick, rounds, target_s) -> list[dict]:
+    widths = (256,) if quick else (1024, 4096, 8192)
+    rows = []
+    for width in widths:
+        weight, mask, bias = constant_fan_in_layer(width, 0.9, device)
+        csr = CSRLinear.from_dense(weight, mask, bias)
+        cond = CondensedLinear.from_dense(weight, mask, bias)
+        for batch in (256, 1):
+            x = torch.randn(batch, width, device=device)
+            x16, w16, b16 = x.to(torch.bfloat16), weight.to(torch.bfloat16), bias.to(torch.bfloat16)
+            fns = {"dense_fp32": lambda: F.linear(x, weight, bias),
+                   "dense_tf32": _with_tf32(lambda: F.linear(x, weight, bias)),
+                   "dense_bf16": lambda: F.linear(x16, w16, b16),
+                   "csr": lambda: csr(x), "condensed": lambda: cond(x)}
+            with torch.no_grad():
+                ref = F.linear(x, weight, bias)
+                for n in ("csr", "condensed"):
+                    torch.testing.assert_close(fns[n](), ref, rtol=1e-4, atol=1e-4)
+                med = interleaved(fns, device, rounds, target_s)
+            row = {"width": width, "sparsity": 0.9, "batch": batch, "fan_in": cond.fan_in,
+                   "us": {n: round(t * 1e6, 3) for n, t in med.items()},
+                   "condensed_speedup": {n: round(med[n] / med["condensed"], 3)
+                                         for n in ("dense_fp32", "dense_tf32", "dense_bf16", "csr")}}
+            if batch == 256:
+                row["goal_met"] = med["condensed"] < min(med["dense_fp32"], med["csr"])
+            rows.append(row)
+            log(f"condensed w={width} b={batch}: {row['us']} us; condensed speedup {row['condensed_speedup']}")
+    return rows
+
+
+# -- 4. always-sparse training layer: SparseLinear vs dense -----------------------------------
+def bench_sparse_linear(device, quick, rounds, target_s) -> list[dict]:
+    width, batch = (256, 8) if quick else (4096, 128)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, width, generator=g).to(device)
+    gy = torch.randn(batch, width, generator=g).to(device)
+    dense = nn.Linear(width, width).to(device)
+
+    def dense_step(dtype=None):
+        def run():
+            x = x0.detach().requires_grad_()
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                y = dense(x)
+            y.backward(gy.to(y.dtype))
+        return run
+
+    dense_fns = {"dense_fp32": dense_step(), "dense_tf32": _with_tf32(dense_step()),
+                 "dense_bf16": dense_step(torch.bfloat16)}
+    rows = []
+    for sparsity in (0.90, 0.95, 0.98, 0.99):
+        layer = SparseLinear(width, width, 1 - sparsity, seed=1).to(device)
+
+        def sparse_step(layer=layer):
+            x = x0.detach().requires_grad_()
+            layer(x).backward(gy)
+
+        def sparse_forward(layer=layer):
+            with torch.no_grad():
+                layer(x0)
+        # the layer against its own dense equivalent, once, before timing
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x0), F.linear(x0, layer.to_dense(), layer.bias), rtol=1e-3, atol=1e-3)
+        med = interleaved({"sparse_fwd_bwd": sparse_step, "sparse_fwd": sparse_forward, **dense_fns},
+                          device, rounds, target_s)
+        row = {"width": width, "batch": batch, "sparsity": sparsity, "nnz": layer.nnz,
+               "path": "cuSPARSE via torch.sparse" if device.type == "cuda" else "compiled CPU kernels",
+               "ms": {n: round(t * 1e3, 4) for n, t in med.items()},
+               "speedup_vs_dense": {n: round(med[n] / med["sparse_fwd_bwd"], 3)
+                                    for n in ("dense_fp32", "dense_tf32", "dense_bf16")},
+               "syncs_per_fwd_bwd": count_syncs(sparse_step, device)}
+        rows.append(row)
+        log(f"sparse_linear {sparsity:.0%}: {row['ms']} ms; speedup {row['speedup_vs_dense']}; "
+            f"syncs {row['syncs_per_fwd_bwd']}")
+    return rows
+
+
+# -- main -------------------------------------------------------------------------------------
+PARTS = ("tests", "engine_overhead", "rigl_update", "condensed", "sparse_linear", "ddp")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: checks the script runs")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
+    ap.add_argument("--tests-k", default=None, help="a pytest -k expression for the test part")
+    ap.add_argument("--tests-timeout", type=int, default=330, help="seconds before the test part is stopped")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device here; use --device cpu --quick to check the script", file=sys.stderr)
+        return 2
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    name = "gpu_suite" if device.type == "cuda" else f"gpu_suite_{device.type}"
+    out = Report(args.out_dir / (name + ("_quick" if args.quick else "") + ".json"))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    rounds, target_s = (2, 0.002) if args.quick else (7, 0.05)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out.put("environment", environment(device))
+    out.put("settings", {"quick": args.quick, "rounds": rounds, "block_target_s": target_s, "parts": parts})
+    t0 = time.perf_counter()
+    status = 0
+    for part in parts:
+        log(f"== {part} ({time.perf_counter() - t0:.0f} s in)")
+        try:
+            if part == "tests":
+                result = run_tests(device, args.out_dir, args.quick, args.tests_k, args.tests_timeout)
+                status |= 0 if result["returncode"] == 0 else 1
+            elif part == "engine_overhead":
+                result = bench_engine_overhead(device, args.quick, rounds, target_s)
+            elif part == "rigl_update":
+                result = bench_rigl_update(device, args.quick, steps=12 if args.quick else 60)
+            elif part == "condensed":
+                result = bench_condensed(device, args.quick, rounds, target_s)
+            elif part == "sparse_linear":
+                result = bench_sparse_linear(device, args.quick, rounds, target_s)
+            else:
+                n = torch.cuda.device_count() if device.type == "cuda" else 0
+                result = {"ran": False, "gpus": n,
+                          "reason": "DDP with nccl needs two or more GPUs; this machine has "
+                                    f"{n} visible" if n < 2 else "not implemented in this script yet"}
+        except Exception as err:   # keep going: the other parts' numbers are still worth having
+            status |= 1
+            result = {"error": f"{type(err).__name__}: {err}"}
+            log(f"{part} FAILED: {result['error']}")
+        out.put(part, result)
+    out.put("total_seconds", round(time.perf_counter() - t0, 1))
+    log(f"wrote {out.path} ({out.data['total_seconds']} s)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
