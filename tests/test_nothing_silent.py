@@ -520,3 +520,37 @@ def test_mnist_from_the_fashion_folder_is_refused():
         regrow.data.load("mnist", SHARED_DATA / "fashion-mnist")
     with pytest.raises(ValueError, match=r"these files are MNIST, not Fashion-MNIST"):
         regrow.data.load("fashion-mnist", SHARED_DATA / "mnist")
+
+
+# -- 6. export of nn.TransformerEncoderLayer ---------------------------------------------------
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)   # fast path in eval
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
+@pytest.mark.parametrize("fmt", ["condensed", "csr"])
+def test_transformer_encoder_layers_export_with_equal_outputs(fmt):
+    torch.manual_seed(0)
+    model = _Encoder()
+    dst = _dst(model, method="srigl", sparsity=0.8)   # constant fan-in: condensed would replace linear1/2
+    model.eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        expected = model(x)
+        exported = regrow.export(model, dst, fmt)
+        torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=0)
+    rows = {r["name"]: r for r in exported.regrow_export_report}
+    for i in range(2):
+        for lin in ("linear1", "linear2"):
+            row = rows[f"enc.layers.{i}.{lin}"]
+            assert row["format"] == "dense" and "TransformerEncoderLayer reads its .weight directly" in row["notes"]
+            mask = dst.masks[f"enc.layers.{i}.{lin}.weight"]
+            weight = dict(exported.named_parameters())[f"enc.layers.{i}.{lin}.weight"]
+            assert torch.equal(weight != 0, mask & (weight != 0)) and not weight[~mask].any()
+    assert rows["head"]["format"] == fmt   # other layers are still converted

@@ -16,6 +16,10 @@
   slower than torch's dense one here (see ``benchmarks/inference.py``), but their ablated
   output channels are removed where the graph allows.
 
+``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2`` stay ``nn.Linear`` (dense, mask applied)
+in every format: in eval mode the layer's fused fast path reads their ``.weight`` directly
+instead of calling them, so a replaced layer would break it; the report says so.
+
 Where a removal cannot be proven safe (untraceable forward, a neuron feeding a residual sum or
 two consumers, a nonzero constant entering a zero-padded convolution), the layer keeps its
 width and the report says why. The returned module carries ``regrow_export_report``: one dict
@@ -39,6 +43,9 @@ from ._kinds import (BATCHNORMS, CONSTANT_PRESERVING_POOLS, CONVS, ELEMENTWISE_F
                      ELEMENTWISE_METHODS, ELEMENTWISE_MODULES)
 
 FORMATS = ("condensed", "csr", "dense")
+# parents whose forward reads these children's .weight itself (torch's fused fast path) instead
+# of calling them: the children must stay nn.Linear with their full weight
+_WEIGHT_READERS = {nn.TransformerEncoderLayer: ("linear1", "linear2")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +206,11 @@ class _ExportState:
                        if (_is_plain_linear(m) or _is_plain_conv(m)) and not isinstance(parents.get(n), nn.MultiheadAttention)]
         for n in self.layers:
             self.layer[n] = _LayerNote()
+        #: layers whose parent reads their weight directly: kept as they are, with the reason
+        self.pinned = {n: f"kept dense with mask applied: {type(parents[n]).__name__} reads its .weight "
+                          "directly (fused fast path)"
+                       for n in self.layers if n in parents and n.rsplit(".", 1)[-1] in
+                       next((kids for kind, kids in _WEIGHT_READERS.items() if isinstance(parents[n], kind)), ())}
 
     def mask_of(self, name: str) -> torch.Tensor | None:
         return self.masks.get(f"{name}.weight" if name else "weight")
@@ -210,6 +222,8 @@ class _ExportState:
     def remove_ablated(self) -> None:
         ablated = {}
         for name in self.layers:
+            if name in self.pinned:
+                continue
             mask = self.mask_of(name)
             if mask is not None:
                 dead = ~mask.reshape(mask.shape[0], -1).any(1)
@@ -279,6 +293,8 @@ class _ExportState:
             cur = nxt
         consumer_name = nxt.target
         consumer = self.modules[consumer_name]
+        if consumer_name in self.pinned:
+            return f"its consumer '{consumer_name}' is read directly by its parent"
         if calls.get(consumer_name, 0) != 1:
             return f"its consumer '{consumer_name}' is called more than once"
         features = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
@@ -400,6 +416,9 @@ class _ExportState:
             rec = self.layer[name]
             if mask is None:
                 rec.notes.append("no mask (dense layer)")
+                continue
+            if name in self.pinned:
+                rec.notes.append(self.pinned[name])
                 continue
             if isinstance(module, CONVS):
                 if format == "csr":
