@@ -87,7 +87,8 @@ class DynamicSparsity:
             gmp: ``begin_fraction`` (0.0);
             snip, grasp: ``scope`` ("global", or "layer"); synflow: ``rounds`` (100), ``scope``;
             snfs: ``momentum`` (0.9, smoothing of its running dense-gradient mean), ``grow_init``;
-            mest: ``lam`` (1e-2), ``mutation_schedule`` ("engine" or "mest"), ``grow_init``.
+            mest: ``lam`` (1e-2), ``mutation_schedule`` ("engine" or "mest"), ``grow_init``;
+            cht: ``soft`` (False; True: CHTs), ``temperature`` (1.0), ``grow_init``.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str,

@@ -15,7 +15,8 @@ import regrow
 from helpers import batches, build, mlp, train_step
 from regrow.methods.snfs import proportional_counts
 
-DYNAMIC_NEW = [("snfs", {}), ("mest", {}), ("mest", {"mutation_schedule": "mest"})]
+DYNAMIC_NEW = [("snfs", {}), ("mest", {}), ("mest", {"mutation_schedule": "mest"}), ("cht", {}),
+               ("cht", {"soft": True})]
 
 
 # -- SNFS ----------------------------------------------------------------------------------
@@ -200,4 +201,113 @@ def test_mest_runs_on_the_always_sparse_backend_with_the_same_drop_rule():
     for x, y in batches(8, seed=2):
         train_step(model, optimizer, dst, x, y)
     assert dst.stats()["updates"] == 2 and checked and all(checked)
+    assert sum(t.nnz for t in dst.targets) == total
+
+
+# -- CHT -----------------------------------------------------------------------------------
+def _ch3_l3_brute_force(mask: torch.Tensor) -> dict[int, float]:
+    """CH3-L3 by its definition: enumerate every length-3 path o - a - b - i of each missing
+    link, form the local community (all inner nodes), count each inner node's links that leave
+    it and the seeds, and sum 1 / sqrt((1 + de(a)) (1 + de(b)))."""
+    rows, cols = mask.shape
+    out = {}
+    for o in range(rows):
+        for i in range(cols):
+            if mask[o, i]:
+                continue
+            paths = [(a, b) for a in range(cols) for b in range(rows)
+                     if mask[o, a] and mask[b, a] and mask[b, i]]
+            if not paths:
+                continue
+            community_in, community_out = {a for a, _ in paths}, {b for _, b in paths}
+            score = 0.0
+            for a, b in paths:
+                de_a = sum(1 for x in range(rows) if mask[x, a] and x not in community_out and x != o)
+                de_b = sum(1 for y in range(cols) if mask[b, y] and y not in community_in and y != i)
+                score += 1 / math.sqrt((1 + de_a) * (1 + de_b))
+            out[o * cols + i] = score
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 7), st.floats(0.1, 0.9), st.integers(0, 2**31 - 1))
+def test_ch3_l3_matches_a_brute_force_count_of_length_3_paths(rows, cols, density, seed):
+    from regrow.core.link_prediction import ch3_l3_scores
+    mask = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < density
+    keys, scores = ch3_l3_scores(mask.view(-1).nonzero().squeeze(1), rows, cols)
+    expected = _ch3_l3_brute_force(mask)
+    assert keys.tolist() == sorted(expected)
+    assert all(abs(s - expected[k]) < 1e-12 for k, s in zip(keys.tolist(), scores.tolist()))
+
+
+def test_ch3_l3_in_small_chunks_equals_one_chunk(monkeypatch):
+    import regrow.core.link_prediction as lp
+    mask = torch.rand(40, 30, generator=torch.Generator().manual_seed(1)) < 0.15
+    active = mask.view(-1).nonzero().squeeze(1)
+    whole = lp.ch3_l3_scores(active, 40, 30)
+    monkeypatch.setattr(lp, "PATH_CHUNK", 50)
+    monkeypatch.setattr(lp, "DENSE_TABLE", 10)     # the searchsorted co-degree tables too
+    monkeypatch.setattr(lp, "BLOCK_ENTRIES", 64)
+    pieces = lp.ch3_l3_scores(active, 40, 30)
+    assert torch.equal(whole[0], pieces[0]) and torch.allclose(whole[1], pieces[1], rtol=1e-12)
+
+
+def test_cht_grows_the_top_ch3_l3_links_without_gradients():
+    model, optimizer, dst = build("cht", model=mlp((10, 8), seed=2), sparsity=0.6,
+                                  total_steps=40, update_interval=4)
+    seen = []
+    for t in dst.targets:
+        def recording(drop, grow, values, _t=t, _orig=t.rewire):
+            before = _t.mask.view(_t.rows, _t.cols).clone()
+            seen.append((before, drop.clone(), grow.clone(), values.clone()))
+            _orig(drop, grow, values)
+        t.rewire = recording
+    for x, y in batches(4, seed=2):
+        train_step(model, optimizer, dst, x, y)
+    assert len(seen) == len(dst.targets)
+    checked = 0
+    for before, drop, grow, values in seen:
+        scores = _ch3_l3_brute_force(before)
+        k = grow.numel()
+        assert k == drop.numel() > 0 and (values == 0).all()
+        ranked = sorted(scores.values(), reverse=True)
+        if len(ranked) >= k:   # every grown link is scored, none left out scores higher
+            assert all(g in scores for g in grow.tolist())
+            assert min(scores[g] for g in grow.tolist()) >= (ranked[k] if len(ranked) > k else -1)
+            assert sorted((scores[g] for g in grow.tolist()), reverse=True) == pytest.approx(ranked[:k])
+            checked += 1
+    assert checked >= 2
+
+
+def test_cht_soft_samples_only_scored_links_and_is_seeded():
+    def run(seed):
+        model, optimizer, dst = build("cht", model=mlp((10, 8), seed=2), sparsity=0.6,
+                                      total_steps=40, update_interval=4, soft=True, temperature=2.0, seed=seed)
+        grown = []
+        for t in dst.targets:
+            def recording(drop, grow, values, _t=t, _orig=t.rewire):
+                scores = _ch3_l3_brute_force(_t.mask.view(_t.rows, _t.cols))
+                grown.append((len(scores) >= grow.numel(), all(g in scores for g in grow.tolist())))
+                _orig(drop, grow, values)
+            t.rewire = recording
+        for x, y in batches(8, seed=2):
+            train_step(model, optimizer, dst, x, y)
+        return dst.masks, grown
+    a, grown = run(1)
+    b, _ = run(1)
+    c, _ = run(2)
+    assert grown and all(ok for enough, ok in grown if enough)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_cht_runs_on_the_always_sparse_backend():
+    from regrow.nn import sparsify
+    model = sparsify(mlp(seed=3), sparsity=0.8, seed=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    dst = regrow.DynamicSparsity(model, optimizer, method="cht", sparsity=0.8, total_steps=40, update_interval=4)
+    total = sum(t.nnz for t in dst.targets)
+    for x, y in batches(8, seed=2):
+        train_step(model, optimizer, dst, x, y)
+    assert dst.stats()["updates"] == 2
     assert sum(t.nnz for t in dst.targets) == total

@@ -42,7 +42,7 @@ METHOD_OPTIONS = {
     "grow_init": "grow_init", "gamma": "gamma", "sampling": "sampling", "c": "c", "eps": "eps",
     "gamma_sal": "gamma_sal", "ablation": "ablation", "begin_fraction": "begin_fraction",
     "scope": "scope", "rounds": "rounds", "momentum_beta": "momentum",
-    "lam": "lam", "mutation_schedule": "mutation_schedule",
+    "lam": "lam", "mutation_schedule": "mutation_schedule", "soft": "soft", "temperature": "temperature",
 }
 
 
@@ -133,6 +133,9 @@ class TrainConfig:
     mutation_schedule: str | None = _opt(None, "mest: drop-fraction decay, the engine's or the authors' "
                                          "step schedule (engine)", "str", choices=("engine", "mest"),
                                          group="method options")
+    soft: bool | None = _opt(None, "cht: CHTs soft sampling of kept and grown links (off)", "obool",
+                             group="method options")
+    temperature: float | None = _opt(None, "cht: soft sampling exponent T (1.0)", "float", group="method options")
 
     # -- derived -------------------------------------------------------------------------------
     def method_options(self, *, strict: bool = True) -> dict:
