@@ -18,6 +18,10 @@ from .core.metrics import rewired_counts, sparsity_stats
 from .core.optim_state import OptimizerStateMasker, check_optimizer
 from .core.schedules import UpdateSchedule
 from .core.sparse_init import check_sparse_init, rescale_to_active_fan_in
+from .core.init_mask import (agreed_sparsity, check_init_mask, check_initialised, existing_counts,
+                             warn_if_sparsity_unused)
+from .core import managed
+from .core.capture import check_captured
 
 
 def _warn_if_never_updated(method, schedule: UpdateSchedule) -> None:
@@ -54,7 +58,8 @@ class DynamicSparsity:
             nn.MultiheadAttention's projections are sparsified.
         optimizer: SGD, Adam, AdamW or a subclass, holding the sparsified parameters.
         method: one of ``regrow.METHODS``: dense, static, set, rigl, gse, dstee, srigl, gmp.
-        sparsity: fraction of the sparsified weights that are zero, in [0, 1).
+        sparsity: fraction of the sparsified weights that are zero, in [0, 1) (may be omitted
+            with ``init_mask="existing"``, which reads it from the model).
         total_steps: number of ``step()`` calls the run will make (for the schedules).
         distribution: per-layer density allocation: ``uniform``, ``er`` or ``erk``.
         update_interval: steps between topology updates (dT).
@@ -73,6 +78,14 @@ class DynamicSparsity:
             weights (``grow_init="random"``) use the same per-neuron scale. ``None`` leaves the
             model's values as they are. SparseLinear layers already initialise for their own
             fan-in and are left alone.
+        init_mask: the initial masks: ``"random"`` (default, for a fresh model: the method's
+            random placement), ``"magnitude"`` (keep each layer's largest |w| within its budget:
+            DST from a pretrained dense model) or ``"existing"`` (adopt the zeros already in the
+            weights, e.g. a pruned checkpoint: the budgets are the model's non-zero counts and
+            ``sparsity``, if given, must agree). ``"random"`` zeroes trained weights: build the
+            engine on a trained model with one of the two others. Only ``"random"`` applies
+            ``sparse_init``'s rescaling (trained values are kept). Methods that start dense
+            (dense, gmp, pruning at init) refuse the other two.
         check_masks: under torch.distributed, all-reduce a mask checksum at construction, at
             checkpoint load and after every topology update, and raise ``MaskDivergenceError``
             naming the first layer where ranks disagree (no-op in one process).
@@ -92,16 +105,20 @@ class DynamicSparsity:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str,
-                 sparsity: float, total_steps: int, distribution: str = "erk",
+                 sparsity: float | None = None, total_steps: int, distribution: str = "erk",
                  update_interval: int = 100, drop_fraction: float = 0.3,
                  drop_schedule: str = "cosine", stop_fraction: float = 0.75,
                  dense_layers: Iterable[str] = (), seed: int = 0,
                  targets: Iterable | None = None, allow_any_optimizer: bool = False,
-                 check_masks: bool = True, sparse_init: str | None = "fan_in", **method_options):
+                 check_masks: bool = True, sparse_init: str | None = "fan_in",
+                 init_mask: str = "random", **method_options):
         model = unwrap(model)   # a DDP wrapper: same names and checkpoints as in one process
+        managed.check_unclaimed(model)   # a second engine would silently re-draw the masks
         if method not in REGISTRY:
             raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        check_init_mask(init_mask, sparsity)
+        if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+                                     or not 0.0 <= sparsity < 1.0):
             raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown distribution '{distribution}'; choose one of {', '.join(DISTRIBUTIONS)}")
@@ -113,7 +130,8 @@ class DynamicSparsity:
         self.method = make_method(method, method_options)
         _warn_if_never_updated(self.method, self.schedule)
         self.model, self.optimizer = model, optimizer
-        self.sparsity, self.distribution, self.seed = float(sparsity), distribution, seed
+        self.sparsity = None if sparsity is None else float(sparsity)   # "existing": set below
+        self.distribution, self.seed, self.init_mask = distribution, seed, init_mask
         self.check_masks = check_masks
 
         found = find_sparsifiable(model, targets, dense_layers)
@@ -128,8 +146,12 @@ class DynamicSparsity:
 
         # always-sparse layers were built with their own count; allocate over the others only
         masked = {s.name: tuple(s.param.shape) for s in found if not owns_topology(s)}
-        density = 1.0 if method == "dense" else 1.0 - self.sparsity
-        budgets = allocate_counts(masked, density, distribution) if masked else {}
+        if init_mask == "existing":   # the model's zeros are the mask: its counts are the budgets
+            budgets = existing_counts({s.name: s.param for s in found if s.name in masked})
+            self.sparsity = agreed_sparsity(budgets, masked, self.sparsity)
+        else:
+            density = 1.0 if method == "dense" else 1.0 - self.sparsity
+            budgets = allocate_counts(masked, density, distribution) if masked else {}
         state = OptimizerStateMasker(optimizer)
         self.targets = [make_target(s, budgets.get(s.name, s.param.numel()), state) for s in found]
         always_sparse = [t.name for t in self.targets if not isinstance(t, MaskedTarget)]
@@ -141,10 +163,14 @@ class DynamicSparsity:
         self.generator = torch.Generator().manual_seed(seed)
         self.method.plan(self.schedule)
         self.method.attach(self.targets)
-        self.method.init_masks([t for t in self.targets if not t.preinitialised], self.generator)
+        self.method.init_mask = init_mask
+        initialised = [t for t in self.targets if not t.preinitialised]
+        warn_if_sparsity_unused(self.targets, None if method == "dense" else self.sparsity)
+        self.method.init_masks(initialised, self.generator)
+        check_initialised(initialised, init_mask, self.method)
         self.sparse_init = sparse_init
         self.method.sparse_init = sparse_init   # randomly grown weights use the same scale
-        if sparse_init == "fan_in":
+        if sparse_init == "fan_in" and init_mask == "random":   # trained values are kept as they are
             # SparseLinear already draws its values for its own fan-in (nn/sparse_linear.py)
             for t in self.targets:
                 if isinstance(t, MaskedTarget) and not t.preinitialised:
@@ -158,6 +184,17 @@ class DynamicSparsity:
         # pruning at init: the first forward's input shape is noted, the masks decided in step 1
         self._first_input = FirstInputShape(model) if self.method.decides_at_first_step else None
         self._arm_capture()
+        managed.claim(model, self)
+
+    def close(self) -> None:
+        """Stop managing the model: another DynamicSparsity may then be built on it.
+        (Deleting this object does the same.) The model keeps its current weights and zeros."""
+        for target in self.targets:
+            target.release()
+        if self._first_input is not None:
+            self._first_input.remove()
+            self._first_input = None
+        managed.release(self.model, self)
 
     # -- the public surface --------------------------------------------------------------
     @property
@@ -307,6 +344,8 @@ class DynamicSparsity:
     def _update_topology(self, t: int) -> None:
         ctx = UpdateContext(step=t, fraction=self.schedule.fraction(t), generator=self.generator,
                             seed=self.seed)
+        if self.method.needs_activations:
+            check_captured(self.targets)   # never a silent fallback to the dense gradient
         with torch.no_grad():
             before = {target.name: target.active_indices().clone() for target in self.targets}
             for target in self.targets:
