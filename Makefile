@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	# the optional integrations (transformers, lightning, tensorboard) are installed so their tests
+	# run; the constraint keeps pip from replacing the pinned torch. timm is left out: it needs a
+	# torchvision built for this torch, and PyPI's breaks `import transformers` beside a CPU wheel
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test,integrations]"
 	touch $(STAMP)
 
 install: $(STAMP)
