@@ -191,10 +191,15 @@ def test_rigl_family_trains_always_sparse_layers_end_to_end(method, options):
                                  **options)
     x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
     start = model[0].active_keys().clone()
+    nnz = [model[0].nnz]
     for _ in range(9):
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        # the previous step's loss (and its graph) is still alive during this forward, as in
+        # most training loops: a layer whose N changed (SRigL's ablation) must still backprop
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         dst.step()
+        nnz.append(model[0].nnz)
     assert dst.stats()["updates"] == 3
     assert not torch.equal(model[0].active_keys(), start), f"{method} rewired nothing"
     assert dst.stats()["itop_rate"] > dst.stats()["density"]
@@ -202,6 +207,7 @@ def test_rigl_family_trains_always_sparse_layers_end_to_end(method, options):
         counts = model[0].row_indices.bincount(minlength=32)
         assert bool(((counts == 0) | (counts == counts.max())).all())
         assert bool((model[2].row_indices.bincount(minlength=3) > 0).all())
+        assert len(set(nnz)) > 1, "the test should change N (ablation)"
 
 
 # -- memory: a 32k x 32k layer, whose dense gradient would take 4 GiB --------------------------

@@ -328,6 +328,19 @@ def constant_fan_in(rows: int, cols: int, counts: torch.Tensor,
     return row[keep], col[keep]
 
 
+def _resize_parameter(param: nn.Parameter, data: torch.Tensor) -> None:
+    """``param.data = data`` for data of another shape (N changed: SRigL's ablation, a load).
+
+    The parameter's gradient accumulator remembers the old shape, and a graph still alive from
+    the previous step (the loop's last ``loss``) keeps it alive, so the next backward would fail
+    ("invalid gradient ... got [N'] but expected [N]"). torch drops the accumulator when the
+    data's dtype changes, not its shape: pass through an empty tensor of another dtype first.
+    """
+    other = torch.float64 if data.dtype != torch.float64 else torch.float32
+    param.data = torch.empty(0, dtype=other, device=data.device)
+    param.data = data
+
+
 class SparseLinear(nn.Module):
     """A linear layer that stores only its active weights; DynamicSparsity rewires it in place.
 
@@ -487,7 +500,7 @@ class SparseLinear(nn.Module):
         if values.shape == self.values.shape:
             self.values.copy_(values)
         else:
-            self.values.data = values.contiguous()
+            _resize_parameter(self.values, values.contiguous())
         self._topo = None
 
     # -- checkpoints with a different N ----------------------------------------------------
@@ -497,7 +510,7 @@ class SparseLinear(nn.Module):
         if vals is not None and vals.shape != self.values.shape:
             # a checkpoint of the same layer after a drop-only update: resize before copying
             with torch.no_grad():
-                self.values.data = torch.empty_like(vals, device=self.values.device, dtype=self.values.dtype)
+                _resize_parameter(self.values, torch.empty_like(vals, device=self.values.device, dtype=self.values.dtype))
             n = vals.numel()
             self.row_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
             self.col_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
