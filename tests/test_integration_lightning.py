@@ -109,3 +109,19 @@ def test_lightning_ddp_on_cpu_two_ranks_agree(tmp_path):
         assert rank["updates"] == 2 and rank["itop_end"] > rank["itop_start"]
     assert ranks[0]["mask_sum"] == ranks[1]["mask_sum"]   # the same rewiring on both ranks
     assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_a_second_fit_with_the_same_callback_takes_over_the_module(tmp_path):
+    module, cb = Module(), RegrowCallback(method="set", sparsity=SPARSITY, update_interval=2)
+    engines = []
+    for _ in range(2):
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(tmp_path))
+        trainer.fit(module, loader())
+        engines.append(cb.dst)
+    assert engines[0] is not engines[1] and engines[1].step_count == 8
+    params = dict(module.named_parameters())
+    assert all(int((params[n].detach()[~m] != 0).sum()) == 0 for n, m in cb.dst.masks.items())
+    with pytest.raises(ValueError, match="total_steps"):
+        RegrowCallback(method="rigl", sparsity=0.5, total_steps=10)

@@ -42,6 +42,8 @@ class RegrowCallback(Callback):
             raise ValueError(f"RegrowCallback supports one optimizer; configure_optimizers returned "
                              f"{len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
+        if self.dst is not None:   # a second fit() call: the new engine takes over the module
+            self.dst.close()
         self.dst = build_engine(pl_module, optimizer, trainer.estimated_stepping_batches,
                                 self.options, self._saved)
         self._saved = None

@@ -53,6 +53,8 @@ class RegrowCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         optimizer = getattr(optimizer, "optimizer", optimizer)   # accelerate's AcceleratedOptimizer
+        if self.dst is not None:   # a second train() call: the new engine takes over the model
+            self.dst.close()
         saved = load_state(self._resume_file(args, state)) if state.global_step > 0 else None
         options = dict(self.options)
         if options.get("targets") is None:
