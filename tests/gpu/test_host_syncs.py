@@ -24,7 +24,7 @@ CASES = [("sgd", "fp32"), ("adamw", "bf16"), ("adamw", "fp16")]
 
 def _plain_twin(run: Run, opt: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.amp.GradScaler | None]:
     model = copy.deepcopy(run.model)
-    scaler = None if run.scaler is None else torch.amp.GradScaler(run.device.type)
+    scaler = None if run.scaler is None else torch.amp.GradScaler(run.device.type, init_scale=run.scaler.get_scale())
     return model, make_optimizer(opt, model.parameters()), scaler
 
 
