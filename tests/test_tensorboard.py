@@ -64,3 +64,19 @@ def test_tensorboard_flag_writes_scalars(tmp_path, capsys):
     assert [e.step for e in events.Scalars("sparsity/itop_rate")] == [4, 8, 12, 16]
     density = events.Scalars("epoch/density")
     assert len(density) == 1 and density[0].value == pytest.approx(0.2, abs=0.01)
+
+
+def test_itop_plot_uses_the_update_lines(tmp_path, monkeypatch):
+    from regrow.experiments import plots
+    from regrow.experiments.report import aggregate, collect_runs
+
+    train(CFG, tmp_path / "set")
+    runs = collect_runs(tmp_path)
+    assert [u["step"] for u in runs[0]["update_lines"]] == [4, 8, 12, 16]
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    plots.plot_itop(runs, aggregate(runs), tmp_path / "itop.png")
+    (line,) = drawn[0].axes[0].lines
+    assert list(line.get_xdata()) == [4, 8, 12, 16]   # a curve from a one-epoch run
+    assert list(line.get_ydata()) == [u["itop_rate"] for u in runs[0]["update_lines"]]
+    assert drawn[0].axes[0].get_xlabel() == "step"

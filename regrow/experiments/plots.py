@@ -3,7 +3,8 @@
 - ``accuracy_vs_sparsity.png``: test accuracy against sparsity per method, error bars over
   seeds, the dense baseline as a band (the papers' figure);
 - ``accuracy_curves.png``: test accuracy per epoch, one panel per sparsity;
-- ``itop_rate.png``: ITOP rate (fraction of weights ever active) per epoch;
+- ``itop_rate.png``: ITOP rate (fraction of weights ever active) at every topology update
+  against the step (per epoch for runs without ``updates.jsonl``);
 - ``layer_density.png``: per-layer density of each method at the highest sparsity;
 - ``masks.png``: the final masks of small layers (read from the runs' checkpoints);
 - ``accuracy_vs_<key>.png`` (``compare --vary``): test accuracy against the first varied key,
@@ -73,7 +74,9 @@ def plot_accuracy_vs_sparsity(results: dict, path: Path) -> Path:
 
 
 def _curves(runs: list[dict], results: dict, key: str, ylabel: str, path: Path, scale: float,
-            dense: bool = True) -> Path:
+            dense: bool = True, source: str = "history") -> Path:
+    """Mean (and min-max band over seeds) of ``key`` per epoch (``source="history"``, the
+    metrics.jsonl rows) or at every topology update against the step (``"update_lines"``)."""
     sparsities = results["sparsities"] or [0.0]
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.2 * len(sparsities), 3.4), squeeze=False,
                              sharey=True)
@@ -81,20 +84,20 @@ def _curves(runs: list[dict], results: dict, key: str, ylabel: str, path: Path, 
     for ax, sparsity in zip(axes[0], sparsities):
         for method in (["dense"] if dense and results.get("dense") else []) + results["methods"]:
             members = [r for r in runs if r["method"] == method and (method == "dense" or float(r["sparsity"]) == sparsity)]
-            histories = [[row[key] for row in r["history"] if key in row] for r in members]
+            histories = [[row for row in r.get(source) or [] if key in row] for r in members]
             histories = [h for h in histories if h]
             if not histories:
                 continue
             n = min(len(h) for h in histories)
-            values = scale * np.array([h[:n] for h in histories])
-            epochs = np.arange(1, n + 1)
+            values = scale * np.array([[row[key] for row in h[:n]] for h in histories])
+            epochs = np.array([row["step"] for row in histories[0][:n]]) if source == "update_lines" else np.arange(1, n + 1)
             mean = values.mean(0)
             style = {"linestyle": "--", "color": "black"} if method == "dense" else {"color": colors[method]}
             ax.plot(epochs, mean, marker=".", label=display_name(method), **style)
             if len(values) > 1:
                 ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.15, color=style["color"])
         ax.set_title(f"sparsity {100 * sparsity:g}%", fontsize=9)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("step" if source == "update_lines" else "epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
@@ -109,8 +112,12 @@ def plot_accuracy_curves(runs: list[dict], results: dict, path: Path) -> Path:
 
 
 def plot_itop(runs: list[dict], results: dict, path: Path) -> Path:
+    """ITOP rate at every topology update (the runs' updates.jsonl) against the step, so a
+    one-epoch run has a curve too; per epoch for runs written without update lines."""
+    source = "update_lines" if any(r.get("update_lines") for r in runs) else "history"
     # dense is 1 throughout by definition; leaving it out keeps the sparse curves readable
-    return _curves(runs, results, "itop_rate", "ITOP rate", path, 1.0, dense=bool(not results["methods"]))
+    return _curves(runs, results, "itop_rate", "ITOP rate", path, 1.0, dense=bool(not results["methods"]),
+                   source=source)
 
 
 def _first_seed(runs: list[dict], method: str, sparsity: float) -> dict | None:

@@ -18,6 +18,7 @@ from ..core import strict_json
 from .grid import applies, find_cell, value_label
 from .labels import display_name, method_order
 from .runfiles import read_metrics
+from .watch import read_updates
 # summary fields aggregated per cell
 FIELDS = ("test_accuracy", "best_test_accuracy", "final_density", "itop_rate", "train_flops_ratio",
           "inference_flops_ratio", "wall_seconds", "seconds_per_step")
@@ -32,7 +33,7 @@ _SPARSE_ONLY_KEYS = ("backend",)
 
 def collect_runs(root: str | Path) -> list[dict]:
     """Summaries of every finished run under ``root`` (``root`` itself may be one run),
-    each with ``run_dir`` and its per-epoch ``history`` added."""
+    each with ``run_dir``, its per-epoch ``history`` and its per-update lines (``update_lines``) added."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
@@ -46,6 +47,7 @@ def collect_runs(root: str | Path) -> list[dict]:
             raise ValueError(f"{path} is not valid JSON") from None
         summary["run_dir"] = str(path.parent)
         summary["history"] = read_metrics(path.parent)
+        summary["update_lines"] = read_updates(path.parent)
         runs.append(summary)
     return runs
 
@@ -141,7 +143,7 @@ def aggregate(runs: list[dict], vary: Mapping[str, list] | None = None) -> dict:
         "seeds": sorted({r["seed"] for r in runs}),
         "dense": dense[0] if dense else None,
         "cells": sparse,
-        "runs": [{k: v for k, v in r.items() if k not in ("history", "layers", "config")} for r in runs],
+        "runs": [{k: v for k, v in r.items() if k not in ("history", "update_lines", "layers", "config")} for r in runs],
     }
 
 
