@@ -1,6 +1,7 @@
 """DynamicSparsity: keeps a model sparse while it trains and rewires it when due."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterable
 
@@ -17,6 +18,7 @@ from .core.first_input import FirstInputShape
 from .core.metrics import rewired_counts, sparsity_stats
 from .core.optim_state import OptimizerStateMasker, check_optimizer
 from .core.schedules import UpdateSchedule
+from .core import nm as nm_structure
 from .core.sparse_init import check_sparse_init, rescale_to_active_fan_in
 from .core.init_mask import (agreed_sparsity, check_init_mask, check_initialised, existing_counts,
                              warn_if_sparsity_unused)
@@ -102,6 +104,11 @@ class DynamicSparsity:
             snfs: ``momentum`` (0.9, smoothing of its running dense-gradient mean), ``grow_init``;
             mest: ``lam`` (1e-2), ``mutation_schedule`` ("engine" or "mest"), ``grow_init``;
             cht: ``soft`` (False; True: CHTs), ``temperature`` (1.0), ``grow_init``.
+        nm: ``"N:M"``, e.g. ``"2:4"``: exactly N active weights in every group of M consecutive
+            input weights of each output row (conv: M input channels at one kernel tap); every
+            layer then has sparsity 1 - N/M (``sparsity`` may be left out; a different one is an
+            error), the distribution does not apply, and updates drop and regrow inside groups
+            (growth ranked by the method's grow score; random-growth methods at random).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: str,
@@ -111,11 +118,14 @@ class DynamicSparsity:
                  dense_layers: Iterable[str] = (), seed: int = 0,
                  targets: Iterable | None = None, allow_any_optimizer: bool = False,
                  check_masks: bool = True, sparse_init: str | None = "fan_in",
-                 init_mask: str = "random", **method_options):
+                 init_mask: str = "random", nm: str | None = None, **method_options):
         model = unwrap(model)   # a DDP wrapper: same names and checkpoints as in one process
         managed.check_unclaimed(model)   # a second engine would silently re-draw the masks
         if method not in REGISTRY:
             raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+        self.nm = nm_structure.parse_nm(nm)
+        if self.nm is not None:
+            sparsity = nm_structure.nm_sparsity(self.nm, sparsity)
         check_init_mask(init_mask, sparsity)
         if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
                                      or not 0.0 <= sparsity < 1.0):
@@ -128,6 +138,10 @@ class DynamicSparsity:
         check_optimizer(optimizer, allow_any_optimizer)
         check_sparse_init(sparse_init)
         self.method = make_method(method, method_options)
+        if self.nm is not None and (not self.method.supports_nm or init_mask == "existing"):
+            raise ValueError(f"nm='{nm}' works with methods "
+                             f"{', '.join(m for m in METHODS if REGISTRY[m].supports_nm)} and a random or "
+                             f"magnitude init_mask, not method '{method}' with init_mask '{init_mask}'")
         _warn_if_never_updated(self.method, self.schedule)
         self.model, self.optimizer = model, optimizer
         self.sparsity = None if sparsity is None else float(sparsity)   # "existing": set below
@@ -152,6 +166,8 @@ class DynamicSparsity:
         else:
             density = 1.0 if method == "dense" else 1.0 - self.sparsity
             budgets = allocate_counts(masked, density, distribution) if masked else {}
+            if self.nm is not None:   # every layer at exactly N/M: the distribution does not apply
+                budgets = {name: math.prod(shape) * self.nm[0] // self.nm[1] for name, shape in masked.items()}
         state = OptimizerStateMasker(optimizer)
         self.targets = [make_target(s, budgets.get(s.name, s.param.numel()), state) for s in found]
         always_sparse = [t.name for t in self.targets if not isinstance(t, MaskedTarget)]
@@ -164,6 +180,9 @@ class DynamicSparsity:
         self.method.plan(self.schedule)
         self.method.attach(self.targets)
         self.method.init_mask = init_mask
+        if self.nm is not None:
+            nm_structure.check_layers(self.targets, self.nm[1])
+            self.method.nm = self.nm
         initialised = [t for t in self.targets if not t.preinitialised]
         warn_if_sparsity_unused(self.targets, None if method == "dense" else self.sparsity)
         self.method.init_masks(initialised, self.generator)

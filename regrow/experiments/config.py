@@ -17,6 +17,7 @@ from ..data import DATASETS
 from ..core.density import DISTRIBUTIONS
 from ..methods import METHODS, REGISTRY, option_names
 from ..models import MODELS
+from ..core.nm import nm_sparsity, parse_nm
 from ..core.schedules import DROP_SCHEDULES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -100,6 +101,8 @@ class TrainConfig:
                               group="sparsity")
     stop_fraction: float = _opt(0.75, "no topology updates after this fraction of training", "float",
                                 group="sparsity")
+    nm: str | None = _opt(None, "N:M structure, e.g. 2:4: exactly N active in every group of M inputs "
+                          "(give --sparsity 1-N/M too)", "str", group="sparsity", metavar="N:M")
     sparse_init: str = _opt("fan_in", "rescale each neuron's initial weights to its active fan-in "
                             "(fan_in) or leave the model's init (none)", "str",
                             choices=("fan_in", "none"), group="sparsity")
@@ -192,6 +195,8 @@ class TrainConfig:
                 able = ", ".join(m for m in METHODS if REGISTRY[m].sparse_backend)
                 raise ValueError(f"--backend sparse supports methods {able}, not '{self.method}' "
                                  f"(it {REGISTRY[self.method].sparse_backend_refusal})")
+        if self.nm is not None:
+            nm_sparsity(parse_nm(self.nm), self.sparsity)
         self.method_options(strict=True)
         self.model_kwargs()
         return self

@@ -80,7 +80,7 @@ def make_sparsity(config: TrainConfig, model: nn.Module, optimizer: torch.optim.
         distribution=config.distribution, update_interval=config.update_interval,
         drop_fraction=config.drop_fraction, drop_schedule=config.drop_schedule,
         stop_fraction=config.stop_fraction, dense_layers=config.dense_layers, seed=config.seed,
-        sparse_init=None if config.sparse_init == "none" else config.sparse_init,
+        sparse_init=None if config.sparse_init == "none" else config.sparse_init, nm=config.nm,
         **config.method_options(strict=True))
 
 

@@ -13,6 +13,7 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
+from ..core import nm as nm_structure
 from ..core.target import SparseTarget
 from ..core.selection import largest_k, smallest_k, tie_keys
 
@@ -84,6 +85,10 @@ class Method:
     decides_at_first_step: ClassVar[bool] = False
     #: the engine calls observe_gradients with every step's (unmasked) gradients
     observes_gradients: ClassVar[bool] = False
+    #: whether DynamicSparsity(..., nm="N:M") works with this method
+    supports_nm: ClassVar[bool] = True
+    #: set by the engine: (N, M) when every group of M consecutive inputs holds exactly N
+    nm: tuple[int, int] | None = None
 
     def __init__(self, *, grow_init: str = "zero"):
         if grow_init not in GROW_INITS:
@@ -110,7 +115,11 @@ class Method:
         """Masks with each layer's exact budget: random (a fixed random sparse network), or the
         budget's largest entries of :meth:`init_priority` for ``init_mask`` magnitude/existing."""
         for t in targets:
-            if self.init_mask == "random":
+            if self.nm is not None:   # N per group: the random or the init_mask priority within groups
+                priority = (torch.rand(t.numel, generator=gen) if self.init_mask == "random"
+                            else self.init_priority(t).reshape(-1).float().cpu())
+                t.set_mask(nm_structure.keep_top_per_group(t, priority, *self.nm))
+            elif self.init_mask == "random":
                 t.set_mask(random_mask(t, t.budget, gen))
             else:
                 keep = largest_k(self.init_priority(t).reshape(-1), t.budget)
@@ -148,7 +157,14 @@ class Method:
         if k <= 0:
             return
         drop = self.drop(target, k, ctx)
-        grow = self.grow(target, k, ctx)
+        if self.nm is not None:   # each group regrows what it lost, by the method's grow score
+            n, m = self.nm
+            drop = nm_structure.cap_per_group(target, drop, m, m - n)
+            k = drop.numel()
+            grow = nm_structure.grow_within_groups(
+                target, drop, m, lambda c: self.nm_grow_scores(target, c, ctx), lambda c: ctx.ties(target, c))
+        else:
+            grow = self.grow(target, k, ctx)
         assert grow.numel() == k, f"{self.name} grew {grow.numel()} of {k} in '{target.name}'"
         # drop is a subset of the active set, so inactive growth is disjoint from it (O(k))
         assert not target.is_active(grow).any(), "dropped and grown sets must be disjoint"
@@ -168,6 +184,14 @@ class Method:
         candidates = self.candidates(target, k, ctx)
         scores = self.grow_scores(target, candidates, ctx)
         return candidates[largest_k(scores, k, tie_keys=ctx.ties(target, candidates))]
+
+    def nm_grow_scores(self, target: SparseTarget, candidates: torch.Tensor,
+                       ctx: UpdateContext) -> torch.Tensor:
+        """Scores ranking growth inside N:M groups: ``grow_scores`` when the method has one,
+        else uniform random (methods that grow at random)."""
+        if type(self).grow_scores is not Method.grow_scores:
+            return self.grow_scores(target, candidates, ctx)
+        return torch.rand(candidates.numel(), dtype=torch.float64, generator=ctx.generator).to(candidates.device)
 
     def candidates(self, target: SparseTarget, k: int, ctx: UpdateContext) -> torch.Tensor:
         """Connections eligible to grow: by default every inactive one."""

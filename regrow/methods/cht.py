@@ -57,6 +57,15 @@ class CHT(Method):
         kept[soft_sample(target.active_values().abs(), active.numel() - k, self.temperature, ctx.generator)] = True
         return active[(~kept).to(active.device)]
 
+    def grow_scores(self, target, candidates, ctx):
+        """CH3-L3 of given candidates (zero for those closing no path): growth within N:M groups."""
+        keys, scores = ch3_l3_scores(target.active_indices(), target.rows, target.cols)
+        if keys.numel() == 0:
+            return torch.zeros(candidates.numel(), dtype=torch.float64)
+        query = candidates.cpu()
+        pos = torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)
+        return torch.where(keys[pos] == query, scores[pos], 0.0)
+
     def grow(self, target, k: int, ctx: UpdateContext) -> torch.Tensor:
         active = target.active_indices()
         keys, scores = ch3_l3_scores(active, target.rows, target.cols)

@@ -9,6 +9,7 @@ from .base import Method, register
 @register
 class Dense(Method):
     name = "dense"
+    supports_nm = False
     dynamic = False
     masked = False
     sparse_backend = False

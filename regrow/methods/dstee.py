@@ -62,6 +62,16 @@ class DSTEE(Method):
 
         return top_candidates(target, k, score, ties=lambda flat: ctx.ties(target, flat))
 
+    def grow_scores(self, target, candidates, ctx):
+        """The score of given candidates (N:M growth ranks a group's own positions)."""
+        keys, counts = self._visits(target)
+        visits = torch.zeros(candidates.numel(), device=candidates.device)
+        if keys.numel():
+            pos = torch.searchsorted(keys, candidates).clamp_(max=keys.numel() - 1)
+            hit = keys[pos] == candidates
+            visits[hit] = counts[pos[hit]].float()
+        return target.grad_at(candidates).abs() + self.c * math.log(ctx.step) / (visits + self.eps)
+
     def after_update(self, targets, ctx):
         for t in targets:
             keys, counts = self._visits(t)

@@ -15,6 +15,7 @@ from .base import Method, UpdateContext, register
 @register
 class GMP(Method):
     name = "gmp"
+    supports_nm = False   # prunes from dense on its own schedule
     sparse_backend = False
     sparse_backend_refusal = "starts from dense weights, which always-sparse layers never hold"
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ..core import nm as nm_structure
 from ..core.selection import largest_k
 from ..core.target import SparseTarget
 from .base import FirstStep, Method
@@ -55,6 +56,10 @@ class PruneAtInit(Method):
 
     def decide_masks(self, targets, first: FirstStep) -> None:
         scores = self.scores(targets, first)
+        if self.nm is not None:   # N:M: the n best of every group, whatever the scope
+            for t in targets:
+                t.set_mask(nm_structure.keep_top_per_group(t, scores[t.name].float().cpu(), *self.nm))
+            return
         masks = self.keep_largest(targets, scores, {t.name: t.budget for t in targets})
         for t in targets:
             t.set_mask(masks[t.name].view(t.rows, t.cols))

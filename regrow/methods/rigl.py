@@ -20,3 +20,7 @@ class RigL(Method):
     def grow(self, target, k, ctx):
         return top_candidates(target, k, lambda block, out: torch.abs(block.grad, out=out),
                               ties=lambda flat: ctx.ties(target, flat))
+
+    def grow_scores(self, target, candidates, ctx):
+        """|dL/dw| of given candidates (N:M growth ranks a group's own positions)."""
+        return target.grad_at(candidates).abs()

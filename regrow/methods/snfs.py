@@ -58,6 +58,7 @@ def proportional_counts(total: int, weights: list[float], caps: list[int]) -> li
 class SNFS(Method):
     name = "snfs"
     observes_gradients = True
+    supports_nm = False   # it moves counts between layers; N:M fixes every group's count
     sparse_backend = False
     sparse_backend_refusal = "smooths the dense gradient of every weight, an out x in tensor the " \
                              "always-sparse backend never builds"

@@ -55,6 +55,7 @@ from .base import Method, UpdateContext, register
 @register
 class SRigL(Method):
     name = "srigl"
+    supports_nm = False   # N:M already fixes every row's fan-in (use rigl with nm); ablation would break it
     needs_grad = True
 
     def __init__(self, *, gamma_sal: float = 0.3, ablation: bool = True,

@@ -26,6 +26,8 @@ class SynFlow(PruneAtInit):
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         self.rounds = rounds
 
+    supports_nm = False   # its rounds prune globally toward a total
+
     def decide_masks(self, targets, first):
         if first.input_shape is None:
             raise ValueError("synflow needs the input shape: run the first forward before step()")
