@@ -23,6 +23,9 @@ from ..core.schedules import DROP_SCHEDULES
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")
 BACKENDS = ("masked", "sparse")
+#: models whose layers `--backend sparse` converts (nn.Linear, nn.MultiheadAttention; a ViT keeps
+#: its patch-embedding Conv2d on the masked backend)
+SPARSE_BACKEND_MODELS = ("mlp", "vit")
 GROW_INITS = ("zero", "random")
 SAMPLINGS = ("uniform", "grabo", "graest")
 
@@ -188,9 +191,11 @@ class TrainConfig:
         if self.method == "dense" and self.sparsity != 0.0:
             raise ValueError("method 'dense' trains every weight: use --sparsity 0")
         if self.backend == "sparse":
-            if self.model != "mlp":
-                raise ValueError(f"--backend sparse is for the mlp only (always-sparse SparseLinear), "
-                                 f"not '{self.model}'")
+            if self.model not in SPARSE_BACKEND_MODELS:
+                raise ValueError(f"--backend sparse converts nn.Linear and attention layers (models "
+                                 f"{', '.join(SPARSE_BACKEND_MODELS)}); '{self.model}' is a convolutional "
+                                 "network whose Conv2d layers would all stay on the masked backend: use "
+                                 "--backend masked")
             if not REGISTRY[self.method].sparse_backend:
                 able = ", ".join(m for m in METHODS if REGISTRY[m].sparse_backend)
                 raise ValueError(f"--backend sparse supports methods {able}, not '{self.method}' "

@@ -1,24 +1,45 @@
-"""Build always-sparse networks: convert a model's nn.Linear layers, or build a wide MLP directly."""
+"""Build always-sparse networks: convert a model's nn.Linear and nn.MultiheadAttention layers
+(transformers included), or build a wide MLP directly."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from ..core.density import DISTRIBUTIONS, allocate_counts
+from .sparse_attention import SparseMultiheadAttention
 from .sparse_linear import SparseLinear
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-def _linear_layers(model: nn.Module, dense_layers: set[str]) -> list[tuple[str, nn.Linear]]:
-    """nn.Linear modules to convert, skipping attention's out_proj (read as a raw weight)."""
-    inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+def _layers(model: nn.Module, dense_layers: set[str]) -> list[tuple[str, nn.Module]]:
+    """nn.Linear and nn.MultiheadAttention modules to convert (an attention's out_proj goes
+    with its attention: nn.MultiheadAttention reads it as a raw weight)."""
+    attentions = {name: m for name, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention) and name not in dense_layers}
+    inside = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and id(m) not in inside_attention and name not in dense_layers]
+            if name in attentions or (isinstance(m, nn.Linear) and id(m) not in inside and name not in dense_layers)]
+
+
+def _shapes(name: str, m: nn.Module) -> dict[str, tuple[int, int]]:
+    """The [out, in] shape of each always-sparse layer a module becomes."""
+    if isinstance(m, nn.MultiheadAttention):
+        e = m.embed_dim
+        return {f"{name}.q_proj": (e, e), f"{name}.k_proj": (e, m.kdim), f"{name}.v_proj": (e, m.vdim),
+                f"{name}.out_proj": (e, e)}
+    return {name: (m.out_features, m.in_features)}
 
 
 def sparsify(model: nn.Module, sparsity: float | None = None, *, fan_in: int | None = None,
              distribution: str = "erk", seed: int = 0, dense_layers: Iterable[str] = ()) -> nn.Module:
-    """Replace ``model``'s nn.Linear layers with :class:`SparseLinear` (in place; returns ``model``).
+    """Replace ``model``'s nn.Linear layers with :class:`SparseLinear` and its
+    nn.MultiheadAttention modules with :class:`SparseMultiheadAttention` (q, k, v and output
+    projections as SparseLinear; in place; returns ``model``). This covers transformers
+    (nn.TransformerEncoderLayer / DecoderLayer, regrow's ViT): a linear layer applied to
+    [batch, tokens, features] works on the last dimension as nn.Linear does.
 
     Exactly one of:
 
@@ -29,8 +50,11 @@ def sparsify(model: nn.Module, sparsity: float | None = None, *, fan_in: int | N
       linearly with width.
 
     Each new layer gets a fresh constant fan-in topology (seed ``seed + i`` for the i-th layer)
-    and fresh values (see SparseLinear); nothing of the dense weights is copied. Layers named in
-    ``dense_layers`` (module names) and nn.MultiheadAttention's out_proj stay nn.Linear.
+    and fresh values (see SparseLinear); nothing of the dense weights is copied (see
+    :meth:`SparseMultiheadAttention.from_masked` and :meth:`SparseLinear.from_dense` to keep
+    trained weights). An attention's four projections count as four layers of the allocation.
+    Modules named in ``dense_layers`` stay as they are; other layer types (convolutions) are
+    left to the masked backend.
 
     The layers then keep their N under :class:`regrow.DynamicSparsity`: its ``sparsity`` and
     ``distribution`` arguments apply only to the layers left in the masked backend.
@@ -49,20 +73,25 @@ def sparsify(model: nn.Module, sparsity: float | None = None, *, fan_in: int | N
     unknown = sorted(dense - known)
     if unknown:
         raise ValueError(f"dense_layers names unknown module(s) {unknown}; see model.named_modules()")
-    layers = _linear_layers(model, dense)
+    layers = _layers(model, dense)
     if not layers:
-        raise ValueError("the model has no nn.Linear layer to sparsify")
-    if sparsity is not None:
-        shapes = {name: (m.out_features, m.in_features) for name, m in layers}
-        counts = allocate_counts(shapes, 1.0 - sparsity, distribution)
-    for i, (name, linear) in enumerate(layers):
-        kwargs = {"bias": linear.bias is not None, "seed": seed + i,
-                  "device": linear.weight.device, "dtype": linear.weight.dtype}
-        if sparsity is not None:
-            numel = linear.out_features * linear.in_features
-            new = SparseLinear(linear.in_features, linear.out_features, counts[name] / numel, **kwargs)
+        raise ValueError("the model has no nn.Linear or nn.MultiheadAttention layer to sparsify")
+    shapes = {k: v for name, m in layers for k, v in _shapes(name, m).items()}
+    counts = allocate_counts(shapes, 1.0 - sparsity, distribution) if sparsity is not None else None
+    index = {name: i for i, name in enumerate(shapes)}   # seeds follow the order of the layers
+
+    def build(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> SparseLinear:
+        out_f, in_f = shapes[name]
+        kwargs = {"bias": bias is not None, "seed": seed + index[name], "device": weight.device, "dtype": weight.dtype}
+        if counts is not None:
+            return SparseLinear(in_f, out_f, counts[name] / (out_f * in_f), **kwargs)
+        return SparseLinear(in_f, out_f, fan_in=min(fan_in, in_f), **kwargs)
+
+    for name, m in layers:
+        if isinstance(m, nn.MultiheadAttention):
+            new = SparseMultiheadAttention.from_attention(m, lambda part, w, b, name=name: build(f"{name}.{part}", w, b))
         else:
-            new = SparseLinear(linear.in_features, linear.out_features, fan_in=min(fan_in, linear.in_features), **kwargs)
+            new = build(name, m.weight, m.bias)
         _set_submodule(model, name, new)
     return model
 
