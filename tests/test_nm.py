@@ -9,7 +9,7 @@ from torch import nn
 import regrow
 from helpers import batches, build, cnn, mlp, train_step
 
-NM_METHODS = ["static", "set", "rigl", "gse", "dstee", "mest", "cht", "snip", "grasp"]
+NM_METHODS = ["static", "set", "rigl", "gse", "dstee", "srigl", "mest", "cht", "snip", "grasp"]
 
 
 def _groups_reference(weight_shape, mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -109,7 +109,7 @@ def test_nm_resume_is_bitwise(tmp_path):
     ({"nm": "two:four"}, "N:M"),
     ({"nm": "2:5"}, "not a multiple of M=5"),
     ({"nm": "2:4", "method": "snfs"}, "works with methods"),
-    ({"nm": "2:4", "method": "srigl"}, "works with methods"),
+    ({"nm": "2:4", "method": "gmp"}, "works with methods"),
 ])
 def test_nm_errors_say_what_is_wrong(kwargs, message):
     kwargs = {"method": "rigl", "sparsity": None, **kwargs}

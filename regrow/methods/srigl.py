@@ -55,7 +55,6 @@ from .base import Method, UpdateContext, register
 @register
 class SRigL(Method):
     name = "srigl"
-    supports_nm = False   # N:M already fixes every row's fan-in (use rigl with nm); ablation would break it
     needs_grad = True
 
     def __init__(self, *, gamma_sal: float = 0.3, ablation: bool = True,
@@ -79,6 +78,8 @@ class SRigL(Method):
                 self.totals[t.name] = t.nnz
 
     def init_masks(self, targets, gen):
+        if self.nm is not None:   # N:M: N per group is itself a constant fan-in
+            return super().init_masks(targets, gen)
         targets = list(targets)
         fan_ins = constant_fan_ins([(t.rows, t.cols, t.budget) for t in targets])
         for t, fan_in in zip(targets, fan_ins):
@@ -104,7 +105,14 @@ class SRigL(Method):
                              f"choose among {sorted(names)}")
         return {n for n, module in names.items() if n in self.exempt_layers or module in self.exempt_layers}
 
+    def grow_scores(self, target, candidates, ctx):
+        """|dL/dw| of given candidates: with N:M, SRigL is its constant fan-in within groups
+        (each group regrows by |grad| what it lost; no neuron is ablated)."""
+        return target.grad_at(candidates).abs()
+
     def update(self, target, ctx: UpdateContext) -> None:
+        if self.nm is not None:
+            return super().update(target, ctx)
         rows, cols = target.rows, target.cols
         k = self.rewire_count(target, ctx)
         if k <= 0:
