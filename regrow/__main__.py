@@ -1,6 +1,8 @@
 """``python -m regrow ...`` is the ``regrow`` command."""
+import os
 import sys
 
-from .experiments.cli import main
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # before any tensor exists: see cli.ask_for_huge_pages
+from .experiments.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -253,3 +253,33 @@ def test_rigl_update_of_a_32k_by_32k_layer_needs_a_fraction_of_a_dense_gradient(
     assert res["nnz"] == 32768 * 16 and res["updates"] == 1
     assert res["changed"] == res["k"] > 0, "the RigL update must have rewired k connections"
     assert res["extra"] < 512 * 2**20, f"peak extra memory {res['extra'] / 2**20:.0f} MiB (dense gradient: 4096 MiB)"
+
+
+# -- transparent huge pages for the CLI ------------------------------------------------------
+_THP_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
+    import regrow, regrow.experiments.cli as cli   # importing allocates no tensor ...
+    cli.ask_for_huge_pages()                       # ... so the variable still takes effect
+    import torch
+    x = torch.ones(64 << 20)
+    huge = next(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages"))
+    print(os.environ["THP_MEM_ALLOC_ENABLE"], huge)
+""")
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        open("/proc/self/smaps_rollup").close()
+    except OSError:
+        return "unavailable"
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(_thp_mode() in ("never", "unavailable"), reason="transparent huge pages are off here")
+def test_the_cli_asks_for_huge_pages_before_torch_allocates():
+    out = subprocess.run([sys.executable, "-c", _THP_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    value, huge_kib = out.stdout.split()
+    assert value == "1" and int(huge_kib) > 0, "a 256 MiB tensor should sit on huge pages"

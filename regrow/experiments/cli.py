@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -359,8 +360,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def ask_for_huge_pages() -> None:
+    """Make torch back its CPU tensors with transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``)
+    unless the user set the variable. torch reads it once, at its first CPU allocation, so this
+    runs before the command makes any tensor (importing regrow allocates none; a test checks).
+    Wide always-sparse layers need it for time linear in width (docs/performance.md)."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``regrow`` console script and ``python -m regrow``."""
+    ask_for_huge_pages()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
