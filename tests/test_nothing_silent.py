@@ -554,3 +554,15 @@ def test_transformer_encoder_layers_export_with_equal_outputs(fmt):
             weight = dict(exported.named_parameters())[f"enc.layers.{i}.{lin}.weight"]
             assert torch.equal(weight != 0, mask & (weight != 0)) and not weight[~mask].any()
     assert rows["head"]["format"] == fmt   # other layers are still converted
+
+
+# -- 9. regrow.models / regrow.data as README writes them, in a fresh interpreter ----------------
+def test_models_and_data_are_reachable_right_after_import_regrow():
+    code = ("import sys, regrow\n"
+            "assert 'regrow.models' not in sys.modules and 'regrow.data' not in sys.modules\n"
+            "m = regrow.models.build('mlp', 10, (1, 8, 8), widths=[8])\n"
+            "d = regrow.data.load('synthetic')\n"
+            "print(type(m).__name__, len(d.train))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["Sequential", "2000"] or out.stdout.split()[1] == "2000"

@@ -141,9 +141,9 @@ def _train(config: TrainConfig | None, out: Path, resume: bool, *, progress: boo
             epochs_bar.close()
             if watch is not None:
                 watch.close()
-            kept = (f"the last good checkpoint, {out / CHECKPOINT_NAME} (step {saved_step[0]}), is kept; lower "
-                    "--lr or check the data, then start again" if saved_step[0] is not None else
-                    "no checkpoint was written yet; lower --lr or check the data")
+            kept = (f"the last good checkpoint, {out / CHECKPOINT_NAME} (step {saved_step[0]}), is kept; resuming "
+                    "would reach the same step, so lower --lr (or check the data) and start a new run"
+                    if saved_step[0] is not None else "no checkpoint was written yet; lower --lr or check the data")
             raise NonFiniteLoss(f"{err}; training stopped: {kept}") from None
         if not finished:
             epochs_bar.close()
