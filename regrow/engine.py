@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Iterable
 
 import torch
@@ -36,6 +37,12 @@ def _warn_if_never_updated(method, schedule: UpdateSchedule) -> None:
         f"(stop_fraction={schedule.stop_fraction} x total_steps={schedule.total_steps}), and there is "
         "none; it trains as static. Lower update_interval or train for more steps.",
         UserWarning, stacklevel=3)
+
+
+def _detach_targets(targets) -> None:
+    for target in targets:
+        target.release()
+        target.detach()
 
 
 class DynamicSparsity:
@@ -204,12 +211,13 @@ class DynamicSparsity:
         self._first_input = FirstInputShape(model) if self.method.decides_at_first_step else None
         self._arm_capture()
         managed.claim(model, self)
+        # hooks come off the model when this engine is closed or garbage-collected
+        self._detach = weakref.finalize(self, _detach_targets, list(self.targets))
 
     def close(self) -> None:
-        """Stop managing the model: another DynamicSparsity may then be built on it.
-        (Deleting this object does the same.) The model keeps its current weights and zeros."""
-        for target in self.targets:
-            target.release()
+        """Stop managing the model: its hooks come off and another DynamicSparsity may be built
+        on it. (Deleting this object does the same.) The model keeps its weights and zeros."""
+        self._detach()
         if self._first_input is not None:
             self._first_input.remove()
             self._first_input = None

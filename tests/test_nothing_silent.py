@@ -566,3 +566,14 @@ def test_models_and_data_are_reachable_right_after_import_regrow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Sequential", "2000"] or out.stdout.split()[1] == "2000"
+
+
+def test_closing_or_dropping_an_engine_takes_its_hooks_off_the_model():
+    model = mlp()
+    dst = _dst(model, sparsity=0.5)
+    assert all(len(m._forward_hooks) == 1 for m in model if isinstance(m, nn.Linear))
+    dst.close()
+    assert all(len(m._forward_hooks) == 0 for m in model if isinstance(m, nn.Linear))
+    _dst(model, sparsity=0.5)   # built and dropped at once
+    gc.collect()
+    assert all(len(m._forward_hooks) == 0 for m in model if isinstance(m, nn.Linear))

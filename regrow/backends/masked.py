@@ -100,6 +100,10 @@ class MaskedTarget(SparseTarget):
         if self.capture is not None:
             self.capture.disarm()
 
+    def detach(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+
     def grad_is_finite(self) -> bool:
         g = self.param.grad
         return g is None or bool(torch.isfinite(g).all())

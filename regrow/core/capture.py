@@ -31,6 +31,11 @@ class ActivationCapture:
         self._armed = False
         self._inputs, self._grads = [], {}
 
+    def remove(self) -> None:
+        """Disarm and take the hook off the module (its engine is closed or gone)."""
+        self.disarm()
+        self._handle.remove()
+
     def _on_forward(self, module, inputs, output) -> None:
         if not self._armed:
             return

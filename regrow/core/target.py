@@ -116,6 +116,9 @@ class SparseTarget(ABC):
     def release(self) -> None:
         """Drop whatever was captured for the update step."""
 
+    def detach(self) -> None:
+        """Take off whatever the target attached to the model (hooks): its engine is closed."""
+
     def grad_is_finite(self) -> bool:
         return True
 
