@@ -41,7 +41,3 @@ def log_values(dst: DynamicSparsity) -> dict[str, float]:
             f"{LOG_PREFIX}itop_rate": float(stats["itop_rate"]),
             f"{LOG_PREFIX}updates": float(stats["updates"])}
 
-
-def load_state(path) -> dict:
-    """An engine state written by a callback (plain tensors and containers: no pickled objects)."""
-    return torch.load(path, map_location="cpu", weights_only=True)

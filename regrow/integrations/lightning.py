@@ -1,8 +1,10 @@
 """regrow in Lightning: one callback.
 
     from regrow.integrations.lightning import RegrowCallback
-    trainer = lightning.Trainer(max_epochs=3, callbacks=[RegrowCallback(method="rigl", sparsity=0.9)])
-    trainer.fit(module, loader)                      # resume: trainer.fit(module, loader, ckpt_path=...)
+    regrow_cb = RegrowCallback(method="rigl", sparsity=0.9)
+    trainer = lightning.Trainer(max_epochs=3, callbacks=[regrow_cb])
+    trainer.fit(module, loader)           # resume: trainer.fit(module, loader, ckpt_path=...)
+    regrow_cb.dst                         # the DynamicSparsity engine
 """
 from __future__ import annotations
 

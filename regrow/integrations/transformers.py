@@ -1,23 +1,23 @@
 """regrow in the Hugging Face ``Trainer``: one callback.
 
     from regrow.integrations.transformers import RegrowCallback
-    trainer = Trainer(model=model, args=args, train_dataset=data,
-                      callbacks=[RegrowCallback(method="rigl", sparsity=0.9)])
+    regrow_cb = RegrowCallback(method="rigl", sparsity=0.9)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[regrow_cb])
     trainer.train()                       # or trainer.train(resume_from_checkpoint=True)
-    callback.dst                          # the DynamicSparsity engine after training
+    regrow_cb.dst                         # the DynamicSparsity engine
 """
 from __future__ import annotations
 
 import os
 
-import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
 from ..core.layers import find_sparsifiable
 from ..engine import DynamicSparsity
-from ._engine import build_engine, load_state, log_values
+from ..experiments.checkpoint import load_checkpoint, save_checkpoint
+from ._engine import build_engine, log_values
 
 STATE_NAME = "regrow_state.pt"
 
@@ -33,8 +33,9 @@ class RegrowCallback(TrainerCallback):
     ``regrow/updates`` (``trainer.state.log_history``, and the loggers listed after this
     callback: pass ``report_to="none"`` and put e.g. ``TensorBoardCallback()`` after it to chart
     them). Besides regrow's default layers, transformers' ``Conv1D`` projections (GPT-2) are
-    sparsified; embeddings (and the LM head tied to them) and layer norms stay dense. Each Trainer checkpoint gets ``regrow_state.pt``; ``resume_from_checkpoint``
-    continues with the checkpoint's masks, bit for bit.
+    sparsified; embeddings (and the LM head tied to them) and layer norms stay dense. Each
+    Trainer checkpoint gets ``regrow_state.pt`` (written atomically; tensors and plain containers
+    only); ``resume_from_checkpoint`` continues with the checkpoint's masks, bit for bit.
 
     Args:
         method, sparsity, **engine_options: as for :class:`regrow.DynamicSparsity` (everything
@@ -55,7 +56,7 @@ class RegrowCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)   # accelerate's AcceleratedOptimizer
         if self.dst is not None:   # a second train() call: the new engine takes over the model
             self.dst.close()
-        saved = load_state(self._resume_file(args, state)) if state.global_step > 0 else None
+        saved = load_checkpoint(self._resume_file(args, state))["engine"] if state.global_step > 0 else None
         options = dict(self.options)
         if options.get("targets") is None:
             options["targets"] = default_targets(model, options["method"])
@@ -78,7 +79,7 @@ class RegrowCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.dst is not None and args.should_save:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            _atomic_save(self.dst.state_dict(), os.path.join(folder, STATE_NAME))
+            save_checkpoint({"engine": self.dst.state_dict()}, os.path.join(folder, STATE_NAME))
 
     def _resume_file(self, args, state) -> str:
         folders = [self.resume_from] if self.resume_from is not None else [
@@ -104,9 +105,3 @@ def default_targets(model: nn.Module, method: str) -> list | None:
                          "weight [in, out]; pass targets=[...] without Conv1D modules or choose another method")
     found = {id(s.param) for s in find_sparsifiable(model)}
     return [p for p in model.parameters() if id(p) in found or any(p is w for w in conv1d)]
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
