@@ -62,14 +62,14 @@ def gpt2():
                                       bos_token_id=0, eos_token_id=0))
 
 
-def train(model, out, *, max_steps, data, resume=None, save_steps=100, **options):
+def train(model, out, *, max_steps, data, resume=None, save_steps=100, after=(), **options):
     cb = RegrowCallback(method=options.pop("method", "rigl"), sparsity=SPARSITY, update_interval=2, **options)
     watch = Watch(cb)
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=2,
                              save_steps=save_steps, report_to="none", use_cpu=True, seed=0,
                              disable_tqdm=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb, watch])
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb, watch, *after])
     trainer.train(resume_from_checkpoint=resume)
     return cb, watch, trainer
 
@@ -102,9 +102,18 @@ def test_bert_trains_sparse_and_resumes_bit_for_bit(tmp_path):
 
 
 def test_gpt2_trains_with_its_conv1d_projections_sparse(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.integrations import TensorBoardCallback
+
     model = gpt2()
+    board = TensorBoardCallback()   # listed after RegrowCallback: it sees the regrow/ values (README)
+    board.logging_dir = str(tmp_path / "tb")
     cb, watch, _ = train(model, tmp_path / "gpt2", max_steps=4, data=Tokens(lm=True), method="set",
-                         dense_layers=["transformer.h.1.mlp.c_proj"])
+                         dense_layers=["transformer.h.1.mlp.c_proj"], after=[board])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/regrow/density")] == [2, 4]
     names = set(cb.dst.masks)
     assert "transformer.h.0.attn.c_attn.weight" in names and "transformer.h.0.mlp.c_fc.weight" in names
     assert "transformer.h.1.mlp.c_proj.weight" not in names   # dense_layers by module name
