@@ -322,6 +322,9 @@ class DynamicSparsity:
             raise ValueError(f"checkpoint layers {sorted(state['targets'])} do not match this model's "
                              f"sparsified layers {sorted(names)}")
         saved = state["config"]
+        if self.init_mask == "existing":
+            # budgets read from a freshly built model's zeros: the run's are the checkpoint's
+            self.sparsity = float(saved["sparsity"])
         for key, mine in (("method", self.method.name), ("sparsity", self.sparsity),
                           ("distribution", self.distribution)):
             if saved[key] != mine:
@@ -329,6 +332,8 @@ class DynamicSparsity:
                                  "create DynamicSparsity with the checkpoint's settings")
         for t in self.targets:
             t.load_state_dict(state["targets"][t.name])
+            if self.init_mask == "existing" and not t.preinitialised:
+                t.budget = t.nnz
         self.method.load_state_dict(state["method"])
         self.generator.set_state(state["generator"])
         self._step, self._updates = int(state["step"]), int(state["updates"])

@@ -577,3 +577,33 @@ def test_closing_or_dropping_an_engine_takes_its_hooks_off_the_model():
     _dst(model, sparsity=0.5)   # built and dropped at once
     gc.collect()
     assert all(len(m._forward_hooks) == 0 for m in model if isinstance(m, nn.Linear))
+
+
+def test_an_existing_mask_run_resumes_in_the_documented_order():
+    data = batches(24)
+
+    def run(model, dst, steps):
+        for x, y in steps:
+            dst.optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            dst.step()
+
+    model = mlp()
+    _pruned(model)
+    dst = _dst(model, method="rigl", init_mask="existing")
+    run(model, dst, data[:12])
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": dst.optimizer.state_dict(),
+                           "dst": dst.state_dict()})
+    run(model, dst, data[12:])
+
+    fresh = mlp(seed=3)   # no zeros at all until the checkpoint is loaded
+    opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    dst2 = _dst(fresh, method="rigl", init_mask="existing", optimizer=opt)
+    fresh.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    dst2.load_state_dict(saved["dst"])
+    run(fresh, dst2, data[12:])
+    assert dst2.sparsity == dst.sparsity
+    for name, w in _weights(model).items():
+        assert torch.equal(dict(fresh.named_parameters())[name].detach(), w)
+        assert torch.equal(dst2.masks[name], dst.masks[name])
