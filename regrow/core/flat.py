@@ -27,7 +27,10 @@ def keep_bits(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     is about 10x slower).
     """
     int_dtype = _SAME_SIZE_INT[like.element_size()]
-    return torch.where(mask, torch.tensor(-1, dtype=int_dtype), torch.tensor(0, dtype=int_dtype)).to(like.device)
+    # the two values on the mask's device: torch.where with a CUDA condition and CPU values is
+    # refused by some torch versions ("Expected condition, x and y to be on the same device")
+    on, off = (torch.tensor(v, dtype=int_dtype, device=mask.device) for v in (-1, 0))
+    return torch.where(mask, on, off).to(like.device)
 
 
 def and_bits_(t: torch.Tensor, bits: torch.Tensor) -> None:
