@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -158,13 +159,22 @@ def run_tests(device: torch.device, out_dir: Path, quick: bool, keyword: str | N
     env = dict(os.environ, REGROW_TEST_DEVICE=str(device), PYTHONUNBUFFERED="1")
     log(f"tests: {' '.join(cmd)}")
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-        output, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as err:
-        output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        output, rc = output + f"\n[gpu_suite] tests stopped after {timeout_s} s\n", None
-    (out_dir / "gpu_tests.log").write_text(output)
+    log_path = out_dir / "gpu_tests.log"
+    # the log is written as the tests run (a run cut short keeps it); pytest and its xdist
+    # workers get a process group of their own, so a timeout stops all of them
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                process_group=0)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    if rc is None:
+        with open(log_path, "a") as log_file:
+            log_file.write(f"\n[gpu_suite] tests stopped after {timeout_s} s\n")
+    output = log_path.read_text()
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", output)}
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.M)
     result = {"command": " ".join(cmd), "returncode": rc, "seconds": round(time.perf_counter() - t0, 1),
