@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	# the optional integrations (transformers, lightning, tensorboard) are installed so their tests
-	# run; the constraint keeps pip from replacing the pinned torch. timm is left out: it needs a
-	# torchvision built for this torch, and PyPI's breaks `import transformers` beside a CPU wheel
+	# run; the constraint keeps pip from replacing the pinned torch. timm comes without its
+	# dependencies: PyPI's torchvision does not load beside the CPU torch wheel (and breaks
+	# `import transformers`), so the timm tests import timm over a stand-in (tests/stubs)
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test,integrations]"
+	$(PY) -m pip install -q --no-deps "timm>=1.0"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,12 @@
 """Small models, optimizers and a training loop shared by the engine tests."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -52,3 +58,24 @@ def build(method="rigl", model=None, opt="sgd", **kwargs):
     kwargs.setdefault("update_interval", 4)
     dst = regrow.DynamicSparsity(model, optimizer, method=method, **kwargs)
     return model, optimizer, dst
+
+
+def import_timm():
+    """timm, imported over the torchvision stand-in in tests/stubs when no real torchvision loads
+    (PyPI's does not beside the CPU torch wheel); skips the calling module without timm."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed", allow_module_level=True)
+    try:
+        import torchvision  # noqa: F401
+    except Exception:   # missing, or a build for another torch
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        stubs = str(Path(__file__).resolve().parent / "stubs")
+        sys.path.insert(0, stubs)
+        try:
+            return importlib.import_module("timm")
+        finally:
+            sys.path.remove(stubs)
+            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+                del sys.modules[name]   # the stand-in serves timm's imports only
+    return importlib.import_module("timm")

@@ -2,18 +2,22 @@
 fused qkv Linear, the attention projection and the MLP blocks are sparsified like any layer.
 Models are built with random init (pretrained=False: nothing is downloaded).
 
-timm imports torchvision, which needs a build matching the installed torch; where none can be
-installed (PyPI's torchvision beside a CPU-only torch wheel fails to import) this file skips.
+timm imports torchvision, which needs a build matching the installed torch. Where none can be
+installed (PyPI's torchvision fails to import beside the CPU-only torch wheel), timm is imported
+over a stand-in (tests/stubs/torchvision: the names timm's model code imports at load time), which
+is then taken out of sys.modules again; without timm this file skips.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import import_timm
 from torch import nn
 
-timm = pytest.importorskip("timm", reason="timm (and a torchvision matching torch) not importable")
+import regrow
 
-import regrow  # noqa: E402
+
+timm = import_timm()
 
 SPARSITY, STEPS = 0.8, 6
 
