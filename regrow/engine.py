@@ -17,7 +17,8 @@ from .methods import METHODS, REGISTRY, UpdateContext, make_method
 from .methods.base import FirstStep
 from .core.first_input import FirstInputShape
 from .core.metrics import rewired_counts, sparsity_stats
-from .core.optim_state import OptimizerStateMasker, check_optimizer
+from .core.flat import put_flat
+from .core.optim_state import OptimizerStateMasker, check_optimizer, per_weight_state
 from .core.schedules import UpdateSchedule
 from .core import nm as nm_structure
 from .core.sparse_init import check_sparse_init, rescale_to_active_fan_in
@@ -110,7 +111,8 @@ class DynamicSparsity:
             snip, grasp: ``scope`` ("global", or "layer"); synflow: ``rounds`` (100), ``scope``;
             snfs: ``momentum`` (0.9, smoothing of its running dense-gradient mean), ``grow_init``;
             mest: ``lam`` (1e-2), ``mutation_schedule`` ("engine" or "mest"), ``grow_init``;
-            cht: ``soft`` (False; True: CHTs), ``temperature`` (1.0), ``grow_init``.
+            cht: ``soft`` (False; True: CHTs), ``temperature`` (1.0), ``grow_init``;
+            topkast: ``backward_extra`` (None: M = D), ``penalty`` (1e-4).
         nm: ``"N:M"``, e.g. ``"2:4"``: exactly N active weights in every group of M consecutive
             input weights of each output row (conv: M input channels at one kernel tap); every
             layer then has sparsity 1 - N/M (``sparsity`` may be left out; a different one is an
@@ -196,7 +198,7 @@ class DynamicSparsity:
         check_initialised(initialised, init_mask, self.method)
         self.sparse_init = sparse_init
         self.method.sparse_init = sparse_init   # randomly grown weights use the same scale
-        if sparse_init == "fan_in" and init_mask == "random":   # trained values are kept as they are
+        if sparse_init == "fan_in" and init_mask == "random" and self.method.rescales_init:   # trained values are kept as they are
             # SparseLinear already draws its values for its own fan-in (nn/sparse_linear.py)
             for t in self.targets:
                 if isinstance(t, MaskedTarget) and not t.preinitialised:
@@ -281,6 +283,7 @@ class DynamicSparsity:
             self._observe_gradients(t)
         for target in self.targets if self.method.masked else ():
             target.mask_grad()
+        self.method.before_optimizer(self.targets)   # Top-KAST: its backward set joins the step
         self._due = due
 
     def after_optimizer_step(self) -> None:
@@ -289,6 +292,7 @@ class DynamicSparsity:
         if self._due is None:
             raise RuntimeError("after_optimizer_step() without before_optimizer_step() for this step")
         t, due, self._due = self._step + 1, self._due, None
+        self.method.after_optimizer(self.targets)   # Top-KAST: keeps its backward set's new values
         for target in self.targets if self.method.masked else ():
             target.apply_mask()
         if due:
@@ -330,11 +334,19 @@ class DynamicSparsity:
             if saved[key] != mine:
                 raise ValueError(f"checkpoint was made with {key} {saved[key]!r}, not {mine!r}; "
                                  "create DynamicSparsity with the checkpoint's settings")
+        # a method training weights outside its mask (Top-KAST's B \ A) owns their optimizer
+        # state, which loading the masks zeroes: keep it from the loaded optimizer
+        held = ({t.name: [b.clone() for b in per_weight_state(self.optimizer, t.param)] for t in self.targets}
+                if self.method.trains_outside_mask else {})
         for t in self.targets:
             t.load_state_dict(state["targets"][t.name])
             if self.init_mask == "existing" and not t.preinitialised:
                 t.budget = t.nnz
         self.method.load_state_dict(state["method"])
+        for t in self.targets if held else ():
+            flat = self.method.trained_outside_mask(t)
+            for buf, saved in zip(per_weight_state(self.optimizer, t.param), held[t.name]):
+                put_flat(buf, flat.to(buf.device), saved.reshape(-1)[flat.to(saved.device)])
         self.generator.set_state(state["generator"])
         self._step, self._updates = int(state["step"]), int(state["updates"])
         if self._step > 0 and self._first_input is not None:

@@ -91,7 +91,7 @@ def test_total_is_exact_and_zeros_stay_zero(method, options, opt):
     assert dst.stats()["updates"] > 0
 
 
-@pytest.mark.parametrize("method,options", DYNAMIC_NEW)
+@pytest.mark.parametrize("method,options", DYNAMIC_NEW + [("topkast", {})])
 def test_same_seed_same_masks_and_bitwise_resume(method, options, tmp_path):
     data = batches(24, seed=11)
 
@@ -106,7 +106,8 @@ def test_same_seed_same_masks_and_bitwise_resume(method, options, tmp_path):
     _, _, dst_same = run(2, 5, data)
     _, _, dst_other = run(2, 6, data)
     assert all(torch.equal(dst_a.masks[n], dst_same.masks[n]) for n in dst_a.masks)
-    assert any(not torch.equal(dst_a.masks[n], dst_other.masks[n]) for n in dst_a.masks)
+    if method != "topkast":   # its sets come from the magnitudes of the same-seeded model alone
+        assert any(not torch.equal(dst_a.masks[n], dst_other.masks[n]) for n in dst_a.masks)
     model_b, opt_b, dst_b = run(2, 5, data[:10])
     torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "dst": dst_b.state_dict()},
                tmp_path / "ckpt.pt")
@@ -311,3 +312,89 @@ def test_cht_runs_on_the_always_sparse_backend():
         train_step(model, optimizer, dst, x, y)
     assert dst.stats()["updates"] == 2
     assert sum(t.nnz for t in dst.targets) == total
+
+
+# -- Top-KAST ------------------------------------------------------------------------------
+def test_topkast_starts_from_the_top_d_of_the_dense_init():
+    model = mlp(seed=5)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = regrow.DynamicSparsity(model, optimizer, method="topkast", sparsity=0.8, total_steps=20,
+                                 update_interval=4)
+    for t in dst.targets:
+        theta = init[t.name].reshape(-1)
+        order = torch.sort(theta.abs(), descending=True, stable=True).indices
+        assert set(t.mask.reshape(-1).nonzero().squeeze(1).tolist()) == set(order[:t.budget].tolist())
+        assert set(dst.method.backward[t.name].nonzero().squeeze(1).tolist()) == set(order[:2 * t.budget].tolist())
+        # values outside the forward set are kept, not lost
+        assert torch.equal(dst.method.latent[t.name] + dict(model.named_parameters())[t.name].detach().reshape(-1),
+                           theta)
+
+
+def test_topkast_step_trains_the_backward_set_with_the_exploration_penalty():
+    lam, lr = 0.05, 0.1
+    model = mlp(seed=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    dst = regrow.DynamicSparsity(model, optimizer, method="topkast", sparsity=0.8, total_steps=20,
+                                 update_interval=10, penalty=lam)
+    params = dict(model.named_parameters())
+    for x, y in batches(3, seed=7):
+        theta = {t.name: params[t.name].detach().reshape(-1) + dst.method.latent[t.name] for t in dst.targets}
+        forward = {t.name: t.mask.reshape(-1).clone() for t in dst.targets}
+        backward = {t.name: dst.method.backward[t.name].clone() for t in dst.targets}
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = {t.name: params[t.name].grad.reshape(-1).clone() for t in dst.targets}
+        dst.step()
+        for t in dst.targets:
+            n, density = t.name, t.budget / t.numel
+            a, b = forward[n], backward[n]
+            expected = theta[n].clone()
+            expected[a] -= lr * (grads[n][a] + 2 * lam * theta[n][a])
+            extra = b & ~a
+            expected[extra] -= lr * (grads[n][extra] + 2 * lam / density * theta[n][extra])
+            now = params[n].detach().reshape(-1) + dst.method.latent[n]
+            assert torch.allclose(now, expected, atol=1e-6), n
+            assert (params[n].detach().reshape(-1)[~a] == 0).all(), "the forward sees A only"
+
+
+def test_topkast_update_reranks_forward_and_backward_sets():
+    model, optimizer, dst = build("topkast", model=mlp(seed=4), total_steps=40, update_interval=4, penalty=0.0)
+    params = dict(model.named_parameters())
+    moved = 0
+    for i, (x, y) in enumerate(batches(12, seed=3)):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        dst.step()
+        if (i + 1) % 4 == 0:
+            for t in dst.targets:
+                theta = params[t.name].detach().reshape(-1) + dst.method.latent[t.name]
+                forward = t.mask.reshape(-1)
+                assert int(forward.sum()) == t.budget
+                # every forward weight outweighs every other one; B holds the next M as well
+                assert theta[forward].abs().min() >= theta[~forward].abs().max()
+                b = dst.method.backward[t.name]
+                assert int(b.sum()) == 2 * t.budget and bool((b | ~forward).all())
+                assert theta[b].abs().min() >= theta[~b].abs().max()
+            moved += sum(int(v["grown"]) for v in dst.last_update["layers"].values())
+    assert moved > 0, "weights of the backward set entered the forward set"
+
+
+def test_topkast_backward_set_has_the_optimizers_own_state():
+    """Adam's moments of B \\ A are the optimizer's: non-zero there, while the parameter is zero."""
+    model, optimizer, dst = build("topkast", opt="adam", total_steps=24, update_interval=10)
+    params = dict(model.named_parameters())
+    for x, y in batches(6, seed=1):
+        train_step(model, optimizer, dst, x, y)
+    for t in dst.targets:
+        extra = dst.method.backward[t.name].view_as(t.mask) & ~t.mask
+        assert (params[t.name].detach()[extra] == 0).all()
+        assert (optimizer.state[params[t.name]]["exp_avg"][extra] != 0).float().mean() > 0.5
+
+
+def test_topkast_refuses_the_always_sparse_backend():
+    from regrow.nn import sparsify
+    model = sparsify(mlp(seed=3), sparsity=0.8, seed=1)
+    with pytest.raises(ValueError, match="topkast"):
+        regrow.DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), method="topkast",
+                               sparsity=0.8, total_steps=10)

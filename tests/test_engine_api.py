@@ -22,7 +22,7 @@ def _dst(model=None, optimizer=None, **kw):
 
 def test_methods_tuple():
     assert regrow.METHODS == ("dense", "static", "set", "rigl", "gse", "dstee", "srigl", "gmp",
-                              "snip", "grasp", "synflow", "snfs", "mest", "cht")
+                              "snip", "grasp", "synflow", "snfs", "mest", "cht", "topkast")
 
 
 @pytest.mark.parametrize("kwargs, message", [

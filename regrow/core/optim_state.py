@@ -26,6 +26,12 @@ def check_optimizer(optimizer: torch.optim.Optimizer, allow_any: bool) -> None:
             "tensor shaped like its parameter instead")
 
 
+def per_weight_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> list[torch.Tensor]:
+    """The optimizer's state tensors shaped like ``param`` (momentum, Adam's moments)."""
+    return [v for v in optimizer.state.get(param, {}).values()
+            if isinstance(v, torch.Tensor) and v.shape == param.shape]
+
+
 class OptimizerStateMasker:
     """Zeroes the per-weight optimizer state of given entries of a parameter."""
 

@@ -47,6 +47,7 @@ METHOD_OPTIONS = {
     "gamma_sal": "gamma_sal", "ablation": "ablation", "begin_fraction": "begin_fraction",
     "scope": "scope", "rounds": "rounds", "momentum_beta": "momentum",
     "lam": "lam", "mutation_schedule": "mutation_schedule", "soft": "soft", "temperature": "temperature",
+    "backward_extra": "backward_extra", "penalty": "penalty",
 }
 
 
@@ -142,6 +143,10 @@ class TrainConfig:
     soft: bool | None = _opt(None, "cht: CHTs soft sampling of kept and grown links (off)", "obool",
                              group="method options")
     temperature: float | None = _opt(None, "cht: soft sampling exponent T (1.0)", "float", group="method options")
+    backward_extra: float | None = _opt(None, "topkast: backward set = forward + this fraction of the weights "
+                                        "(default: the forward density)", "float", group="method options")
+    penalty: float | None = _opt(None, "topkast: L2 coefficient, 1/D times larger outside the forward set "
+                                 "(1e-4)", "float", group="method options")
 
     # -- derived -------------------------------------------------------------------------------
     def method_options(self, *, strict: bool = True) -> dict:

@@ -5,7 +5,7 @@ from ..methods import METHODS
 
 DISPLAY = {"dense": "Dense", "static": "Static", "set": "SET", "rigl": "RigL", "gse": "GSE",
            "dstee": "DST-EE", "srigl": "SRigL", "gmp": "GMP",
-           "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow", "snfs": "SNFS", "mest": "MEST", "cht": "CHT"}
+           "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow", "snfs": "SNFS", "mest": "MEST", "cht": "CHT", "topkast": "Top-KAST"}
 
 
 def display_name(method: str) -> str:

@@ -87,6 +87,11 @@ class Method:
     observes_gradients: ClassVar[bool] = False
     #: whether DynamicSparsity(..., nm="N:M") works with this method
     supports_nm: ClassVar[bool] = True
+    #: False: the engine's sparse_init leaves the initial values alone (Top-KAST keeps dense ones)
+    rescales_init: ClassVar[bool] = True
+    #: True: the optimizer also steps weights outside the mask (trained_outside_mask), whose
+    #: optimizer state a checkpoint load must keep
+    trains_outside_mask: ClassVar[bool] = False
     #: set by the engine: (N, M) when every group of M consecutive inputs holds exactly N
     nm: tuple[int, int] | None = None
 
@@ -140,6 +145,17 @@ class Method:
     def observe_gradients(self, targets: Sequence[SparseTarget]) -> None:
         """Every step, before the gradients are masked (``target.dense_grad()``; a layer
         without a gradient this step has ``grad_available()`` False)."""
+
+    def trained_outside_mask(self, target: SparseTarget) -> torch.Tensor:
+        """Flat indices outside the mask whose optimizer state the method keeps (with
+        ``trains_outside_mask``; restored after a checkpoint load zeroed it)."""
+        return torch.empty(0, dtype=torch.long)
+
+    def before_optimizer(self, targets: Sequence[SparseTarget]) -> None:
+        """Every step, after the gradients were masked, right before ``optimizer.step()``."""
+
+    def after_optimizer(self, targets: Sequence[SparseTarget]) -> None:
+        """Every step, right after ``optimizer.step()``, before the masks are re-applied."""
 
     def decide_masks(self, targets: Sequence[SparseTarget], first: FirstStep) -> None:
         """Pruning at init: set every mask from the first step (gradients are snapshotted)."""
