@@ -198,3 +198,17 @@ def test_cli_config_accepts_the_vit_on_the_sparse_backend():
     assert any(isinstance(m, SparseMultiheadAttention) for m in model.modules())
     with pytest.raises(ValueError, match="Conv2d layers would all stay on the masked backend"):
         TrainConfig(backend="sparse", model="resnet20", dataset="digits").validate()
+
+
+def test_flops_of_a_sparsified_vit_count_the_same_dense_work_as_the_original():
+    from regrow.experiments.flops import measure_layer_flops
+    from regrow.models import build
+
+    torch.manual_seed(0)
+    dense = build("vit", 10, (1, 8, 8), dim=16, depth=2, heads=2)
+    torch.manual_seed(0)
+    sparse = sparsify(build("vit", 10, (1, 8, 8), dim=16, depth=2, heads=2), sparsity=0.8)
+    a, b = measure_layer_flops(dense, (1, 8, 8)), measure_layer_flops(sparse, (1, 8, 8))
+    assert b.other == pytest.approx(a.other) and a.other > 0, "attention products (q k^T, weights @ v)"
+    assert sum(b.per_param.values()) == pytest.approx(sum(a.per_param.values()))
+    assert "blocks.0.attn.q_proj.values" in b.per_param

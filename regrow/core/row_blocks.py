@@ -88,6 +88,12 @@ Score = Callable[[RowBlock, torch.Tensor], torch.Tensor]
 Ties = Callable[[torch.Tensor], torch.Tensor]
 
 
+def grad_magnitude(block: RowBlock, out: torch.Tensor) -> torch.Tensor:
+    """|dL/dw| of a block, written into the scan's buffer (the RigL score; also DST-EE's and
+    SRigL's gradient term). The buffer is float32 or wider, whatever the gradient's dtype."""
+    return out.copy_(block.grad).abs_()
+
+
 def row_blocks(target: SparseTarget, block_bytes: int | None = None,
                excluded: torch.Tensor | None = None) -> Iterator[RowBlock]:
     """The layer's gradient in blocks of output rows, each with its excluded positions
@@ -109,8 +115,9 @@ def _scored(block: RowBlock, score: Score, buffer: list) -> torch.Tensor:
     ``buffer`` holds one flat tensor reused across blocks (freshly allocated blocks of varying
     sizes fragment the C heap: peak memory then grew several-fold over a scan)."""
     n = block.grad.numel()
-    if not buffer or buffer[0].numel() < n or buffer[0].dtype != block.grad.dtype:
-        buffer[:] = [torch.empty(n, dtype=block.grad.dtype, device=block.grad.device)]
+    dtype = torch.promote_types(block.grad.dtype, torch.float32)   # half-precision scores would tie
+    if not buffer or buffer[0].numel() < n or buffer[0].dtype != dtype:
+        buffer[:] = [torch.empty(n, dtype=dtype, device=block.grad.device)]
     s = score(block, buffer[0][:n].view_as(block.grad))
     if s.shape != block.grad.shape:
         raise ValueError(f"a growth score must have the block's shape {tuple(block.grad.shape)}, got {tuple(s.shape)}")

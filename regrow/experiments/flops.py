@@ -26,6 +26,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..nn.sparse_attention import SparseMultiheadAttention
+
 #: how a method's update step computes gradients for growth
 GROWTH_COSTS = ("none", "dense_grad", "subset_grad")
 
@@ -92,10 +94,19 @@ def measure_layer_flops(model: nn.Module, in_shape: tuple[int, ...]) -> LayerFlo
         add(module.out_proj.weight, lq * e * e)   # applied functionally: its own hook never fires
         other[0] += 2.0 * lq * ls * e               # q k^T and attention @ v
 
+    def sparse_attention(module, args, kwargs, output):
+        # its projections are SparseLinear layers with hooks of their own: only the products here
+        q = kwargs.get("query", args[0] if len(args) > 0 else None)
+        k = kwargs.get("key", args[1] if len(args) > 1 else None)
+        lq, ls = q.numel() // module.embed_dim, k.numel() // module.kdim
+        other[0] += 2.0 * lq * ls * module.embed_dim   # q k^T and attention @ v
+
     hooks = []
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention):
             hooks.append(module.register_forward_hook(attention, with_kwargs=True))
+        elif isinstance(module, SparseMultiheadAttention):
+            hooks.append(module.register_forward_hook(sparse_attention, with_kwargs=True))
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             hooks.append(module.register_forward_hook(conv))
         elif isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..core.row_blocks import top_candidates
+from ..core.row_blocks import grad_magnitude, top_candidates
 from ..core.sorted_keys import union_sorted
 from .base import Method, register
 
@@ -52,12 +52,12 @@ class DSTEE(Method):
         log_t = math.log(ctx.step)
 
         def score(block, out):
-            s = torch.abs(block.grad, out=out).add_(self.c * log_t / self.eps)   # N = 0: never active
+            s = grad_magnitude(block, out).add_(self.c * log_t / self.eps)   # N = 0: never active
             lo, hi = torch.searchsorted(keys, torch.tensor([block.offset, block.offset + block.grad.numel()],
                                                            device=keys.device)).tolist()
             seen = keys[lo:hi] - block.offset
             flat = s.view(-1)
-            flat[seen] = block.grad.view(-1)[seen].abs() + self.c * log_t / (counts[lo:hi].float() + self.eps)
+            flat[seen] = (block.grad.view(-1)[seen].abs() + self.c * log_t / (counts[lo:hi].float() + self.eps)).to(s.dtype)
             return s
 
         return top_candidates(target, k, score, ties=lambda flat: ctx.ties(target, flat))

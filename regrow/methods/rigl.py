@@ -6,9 +6,7 @@ start at zero with zero optimizer state.
 """
 from __future__ import annotations
 
-import torch
-
-from ..core.row_blocks import top_candidates
+from ..core.row_blocks import grad_magnitude, top_candidates
 from .base import Method, register
 
 
@@ -18,8 +16,7 @@ class RigL(Method):
     needs_grad = True
 
     def grow(self, target, k, ctx):
-        return top_candidates(target, k, lambda block, out: torch.abs(block.grad, out=out),
-                              ties=lambda flat: ctx.ties(target, flat))
+        return top_candidates(target, k, grad_magnitude, ties=lambda flat: ctx.ties(target, flat))
 
     def grow_scores(self, target, candidates, ctx):
         """|dL/dw| of given candidates (N:M growth ranks a group's own positions)."""

@@ -46,7 +46,7 @@ from typing import Iterable
 import torch
 
 from ..core.density import constant_fan_ins
-from ..core.row_blocks import rank_within_rows, top_candidates, top_candidates_per_row
+from ..core.row_blocks import grad_magnitude, rank_within_rows, top_candidates, top_candidates_per_row
 from ..core.selection import smallest_k
 from ..core.sorted_keys import contains, merge_sorted, union_sorted
 from .base import Method, UpdateContext, register
@@ -123,14 +123,11 @@ class SRigL(Method):
         def ties(flat):
             return ctx.ties(target, flat)
 
-        def by_grad(block, out):   # the gradient is read in blocks of rows, never whole (core.row_blocks)
-            return torch.abs(block.grad, out=out)
-
         # 1. saliency: RigL's keep set plus the top-k |grad| over the whole layer
         is_kept = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
         is_kept[smallest_k(magnitude, k, tie_keys=ties(active))] = False
         kept = active[is_kept]
-        top_grad = top_candidates(target, k, by_grad, ties, excluded=active[:0])
+        top_grad = top_candidates(target, k, grad_magnitude, ties, excluded=active[:0])
         salient = union_sorted(kept, top_grad)
 
         # 2-3. ablation and the survivors' fan-in
@@ -142,7 +139,7 @@ class SRigL(Method):
         kept_row = kept // cols
         stays = (rank_within_rows(kept_row, magnitude[is_kept], ties(kept)) < fan_in) & alive[kept_row]
         short = (fan_in - torch.bincount(kept_row, minlength=rows)).clamp(min=0) * alive
-        regrown = top_candidates_per_row(target, short, by_grad, ties, excluded=kept)
+        regrown = top_candidates_per_row(target, short, grad_magnitude, ties, excluded=kept)
         new = merge_sorted(kept[stays], regrown)
 
         drop = active[~contains(new, active)] if new.numel() else active
