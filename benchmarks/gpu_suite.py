@@ -26,7 +26,6 @@ Timings on CUDA are medians of CUDA-event-timed blocks, variants interleaved rou
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os

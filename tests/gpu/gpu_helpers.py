@@ -67,7 +67,7 @@ class Run:
     def __init__(self, device: torch.device, method: str, model: str, opt: str, precision: str, *,
                  total_steps: int = 8, update_interval: int = 2, seed: int = 0, model_seed: int = 0,
                  sparsity: float = 0.9):
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.model_name = device, precision, model
         torch.manual_seed(model_seed)
         self.model = build(model, CLASSES, IN_SHAPE, **MODEL_OPTIONS[model]).to(device)
         self.optimizer = make_optimizer(opt, self.model.parameters())

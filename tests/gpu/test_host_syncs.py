@@ -8,14 +8,15 @@ are not counted.
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import regrow
 from regrow.methods import REGISTRY
-from gpu_helpers import MODELS, Run, batches, counting_syncs, make_optimizer, skip_module_without_device
+from regrow.models import build
+
+from gpu_helpers import (CLASSES, IN_SHAPE, MODEL_OPTIONS, MODELS, Run, batches, counting_syncs, make_optimizer,
+                         skip_module_without_device)
 
 skip_module_without_device()
 
@@ -23,7 +24,9 @@ CASES = [("sgd", "fp32"), ("adamw", "bf16"), ("adamw", "fp16")]
 
 
 def _plain_twin(run: Run, opt: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.amp.GradScaler | None]:
-    model = copy.deepcopy(run.model)
+    # built afresh, not deep-copied: a copy would carry the engine's hooks on the model
+    torch.manual_seed(0)
+    model = build(run.model_name, CLASSES, IN_SHAPE, **MODEL_OPTIONS[run.model_name]).to(run.device)
     scaler = None if run.scaler is None else torch.amp.GradScaler(run.device.type, init_scale=run.scaler.get_scale())
     return model, make_optimizer(opt, model.parameters()), scaler
 
