@@ -42,12 +42,16 @@ def cuda_only(device):
 
 @pytest.fixture
 def deterministic():
-    """torch's deterministic algorithms (warn-only: ops without one say so) and cuDNN's."""
+    """torch's deterministic algorithms (warn-only: ops without one say so), cuDNN's, and the
+    math attention kernel (the memory-efficient one's backward stays non-deterministic in
+    warn-only mode; the ViT's attention runs through scaled_dot_product_attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     saved = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
     torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
