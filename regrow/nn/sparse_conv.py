@@ -1,0 +1,352 @@
+"""SparseConv2d: an always-sparse 2-D convolution (values + indices; no dense kernel ever).
+
+The kernel [out, in, kh, kw] is stored as its N active taps: ``values`` [N] (the only weight
+parameter) and int32 ``row_indices`` (output channel) / ``col_indices`` (``c * kh * kw +
+i * kw + j``, the dense kernel's flattened [in * kh * kw] index) [N], sorted by (row, col),
+the same conventions as :class:`~regrow.nn.SparseLinear`.
+
+Formulation: direct sparse convolution grouped by kernel offset. For each offset (i, j) that
+holds active taps, the input channels those taps read are sliced at that offset (stride and
+dilation applied): an implicit im2col of one offset and only the needed channels, never of the
+whole input. A CSR matrix [out, needed channels] of that offset's taps multiplies the slice and
+accumulates into the output. The input gradient is the transposed product scattered back at the
+same offset; the weight gradient is computed for the active taps only (a sampled product of
+output gradients and input slices, :func:`~regrow.nn.sparse_linear.sampled_grad`). Nothing of
+size out x in x kh x kw is created, in the forward or the backward.
+
+The output is laid out channel-major in memory ([out, B, Ho, Wo] storage, shape [B, out, Ho,
+Wo]; not a view): a following SparseConv2d reads it without a copy. Call ``.contiguous()`` if a
+later op needs NCHW storage.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .sparse_linear import (_autocast_enabled, _even_counts, _resize_parameter, constant_fan_in,
+                            sampled_grad)
+
+_MAX_INDEX = 2**31 - 1   # int32 indices
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+class _Offset:
+    """The active taps at one kernel offset (i, j): positions in ``values``, their output
+    channels, and the input channels they read, as a CSR pattern [out, needed channels] and its
+    transpose [needed channels, out]."""
+
+    def __init__(self, i: int, j: int, pos: torch.Tensor, out_ch: torch.Tensor, in_ch: torch.Tensor, rows: int):
+        self.i, self.j, self.rows = i, j, rows
+        self.pos = pos                                          # int64 [n], CSR order
+        self.channels, local = torch.unique(in_ch, return_inverse=True)   # sorted needed channels
+        self.out_ch = out_ch.to(torch.int32)
+        self.local = local.to(torch.int32)                     # index into self.channels
+        counts = torch.bincount(out_ch, minlength=rows)
+        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.local_long = local
+        # the transpose: taps sorted by (needed channel, out channel); stable keeps out order
+        self.perm = torch.sort(local, stable=True).indices
+        t_counts = torch.bincount(local, minlength=self.channels.numel())
+        self.t_crow = torch.cat([t_counts.new_zeros(1), t_counts.cumsum(0)])
+        self.t_col = out_ch[self.perm]
+
+    def weight(self, values: torch.Tensor) -> torch.Tensor:
+        """This offset's taps as a CSR matrix [out, needed channels]."""
+        return _csr(self.crow, self.local_long, values[self.pos], (self.rows, self.channels.numel()))
+
+    def weight_t(self, values: torch.Tensor) -> torch.Tensor:
+        """Its transpose, CSR [needed channels, out]."""
+        return _csr(self.t_crow, self.t_col, values[self.pos[self.perm]], (self.channels.numel(), self.rows))
+
+
+class _ConvTopology:
+    """The taps grouped by kernel offset; immutable, rebuilt after a rewire (a forward's saved
+    topology stays valid if the layer is rewired before its backward)."""
+
+    def __init__(self, row: torch.Tensor, col: torch.Tensor, out_channels: int, kernel_size: tuple[int, int]):
+        self.row, self.col, self.out_channels = row, col, out_channels
+        kh, kw = kernel_size
+        row_l, col_l = row.long(), col.long()
+        offset, in_ch = col_l % (kh * kw), col_l // (kh * kw)
+        self.offsets: list[_Offset] = []
+        for k in torch.unique(offset).tolist():
+            pos = (offset == k).nonzero().squeeze(1)   # keeps the (row, col) order
+            self.offsets.append(_Offset(k // kw, k % kw, pos, row_l[pos], in_ch[pos], out_channels))
+
+
+def _offset_slice(x_t: torch.Tensor, off: _Offset, geometry) -> torch.Tensor:
+    """The view of padded channel-major input ``x_t`` [C, B, Hp, Wp] that offset ``off``'s taps
+    read, over every output position: [C, B, Ho, Wo] (all channels; a view, no copy)."""
+    (sh, sw), (dh, dw), (ho, wo) = geometry
+    r0, c0 = off.i * dh, off.j * dw
+    return x_t[:, :, r0:r0 + sh * (ho - 1) + 1:sh, c0:c0 + sw * (wo - 1) + 1:sw]
+
+
+class _SparseConv2dFunction(torch.autograd.Function):
+    """y = conv2d(x, W) + b with W given by (values, topology); gradients for x, values, bias."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, topo: _ConvTopology, stride, padding, dilation, out_size):
+        (ph, pw) = padding
+        batch, _, h, w = x.shape
+        # channel-major, padded once: [C, B, Hp, Wp] (a copy of the input's size)
+        x_t = x.permute(1, 0, 2, 3)
+        x_t = F.pad(x_t, (pw, pw, ph, ph)) if ph or pw else x_t.contiguous()
+        geometry = (stride, dilation, out_size)
+        ho, wo = out_size
+        y_t = torch.zeros(topo.out_channels, batch * ho * wo, dtype=x.dtype, device=x.device)
+        for off in topo.offsets:
+            cols = _offset_slice(x_t, off, geometry)[off.channels].reshape(off.channels.numel(), -1)
+            y_t.add_(torch.sparse.mm(off.weight(values), cols))
+        if bias is not None:
+            y_t.add_(bias[:, None])
+        # shape [B, out, Ho, Wo] stored as [out, B, Ho, Wo]: not a view, so in-place ops after
+        # the layer are allowed, and a following SparseConv2d reads it channel-major for free
+        out_ch = y_t.shape[0]
+        y = torch.empty_strided((batch, out_ch, ho, wo), (ho * wo, batch * ho * wo, wo, 1),
+                                dtype=x.dtype, device=x.device)
+        y.permute(1, 0, 2, 3).copy_(y_t.view(out_ch, batch, ho, wo))
+        ctx.save_for_backward(x_t, values)
+        ctx.topo, ctx.geometry, ctx.padding = topo, geometry, padding
+        ctx.in_size, ctx.has_bias = (h, w), bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        # a backward called inside an autocast region must not recast the sparse products
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _SparseConv2dFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):
+        x_t, values = ctx.saved_tensors
+        topo: _ConvTopology = ctx.topo
+        g_t = grad_y.permute(1, 0, 2, 3).reshape(grad_y.shape[1], -1)   # [out, B * Ho * Wo]
+        grad_x = grad_v = grad_b = None
+        want_x, want_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx_t = torch.zeros_like(x_t) if want_x else None
+        if want_v:
+            grad_v = torch.zeros_like(values)
+        batch, ho, wo = grad_y.shape[0], grad_y.shape[2], grad_y.shape[3]
+        for off in topo.offsets:
+            if want_v:
+                cols = _offset_slice(x_t, off, ctx.geometry)[off.channels].reshape(off.channels.numel(), -1)
+                grad_v[off.pos] = sampled_grad(off.rows, off.out_ch, off.local, cols, g_t, crow=off.crow)
+            if want_x:
+                contrib = torch.sparse.mm(off.weight_t(values), g_t)   # [needed channels, B*Ho*Wo]
+                _offset_slice(gx_t, off, ctx.geometry).index_add_(
+                    0, off.channels, contrib.view(-1, batch, ho, wo))
+        if want_x:
+            (ph, pw), (h, w) = ctx.padding, ctx.in_size
+            grad_x = gx_t[:, :, ph:ph + h, pw:pw + w].permute(1, 0, 2, 3)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g_t.sum(1)
+        return grad_x, grad_v, grad_b, None, None, None, None, None
+
+
+class SparseConv2d(nn.Module):
+    """A 2-D convolution that stores only its active kernel taps.
+
+    Same call as ``nn.Conv2d`` (zero padding, ``groups=1`` only), plus exactly one of:
+
+    Args:
+        density: fraction of the out x in x kh x kw taps that are active; N = round(density *
+            total), spread over the output channels as evenly as possible (constant fan-in).
+        fan_in: instead, the number of taps of every output channel (N = fan_in * out_channels).
+        seed: seeds the initial topology and values.
+
+    Initial values are U(-1/sqrt(k), 1/sqrt(k)) with k the mean number of taps per output
+    channel (nn.Conv2d's default bound applied to the taps a channel really has); the bias uses
+    the same bound. ``to_dense()`` gives the equivalent dense kernel (small layers, tests and
+    export). Memory and time are O(N + input + output) per sample.
+    """
+
+    regrow_sparse_parameter = "values"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, *, density: float | None = None,
+                 fan_in: int | None = None, seed: int = 0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        for name, n in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _MAX_INDEX:
+                raise ValueError(f"{name} must be a positive integer, got {n!r}")
+        if groups != 1:
+            raise NotImplementedError(f"SparseConv2d supports groups=1 only, got groups={groups!r}")
+        if isinstance(padding, str):
+            raise ValueError(f"SparseConv2d takes numeric padding, got {padding!r}")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        for name, pair, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                                ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            if min(pair) < low:
+                raise ValueError(f"{name} must be >= {low}, got {pair}")
+        self.in_channels, self.out_channels, self.groups, self.seed = in_channels, out_channels, groups, seed
+        taps = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        if taps > _MAX_INDEX:
+            raise ValueError(f"in_channels * kh * kw = {taps} exceeds int32 indices")
+        if (density is None) == (fan_in is None):
+            raise ValueError("give exactly one of density (fraction of taps active) or fan_in (taps per output channel)")
+        if density is not None:
+            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+                raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+            nnz = max(1, round(density * out_channels * taps))
+        else:
+            if isinstance(fan_in, bool) or not isinstance(fan_in, int) or not 1 <= fan_in <= taps:
+                raise ValueError(f"fan_in must be an integer in [1, in_channels*kh*kw={taps}], got {fan_in!r}")
+            nnz = fan_in * out_channels
+        gen = torch.Generator().manual_seed(seed)
+        row, col = constant_fan_in(out_channels, taps, _even_counts(out_channels, nnz, gen), gen)
+        factory = {"device": device, "dtype": dtype}
+        self.values = nn.Parameter(torch.empty(nnz, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.register_buffer("row_indices", row.to(device=device, dtype=torch.int32))
+        self.register_buffer("col_indices", col.to(device=device, dtype=torch.int32))
+        self._topo: _ConvTopology | None = None
+        self.reset_parameters(gen)
+
+    # -- construction --------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Values and bias from U(-b, b), b = 1/sqrt(mean taps per output channel)."""
+        bound = self.init_bound()
+        self.values.copy_((torch.rand(self.values.shape, generator=generator) * 2 - 1) * bound)
+        if self.bias is not None:
+            self.bias.copy_((torch.rand(self.out_channels, generator=generator) * 2 - 1) * bound)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, **conv_args) -> "SparseConv2d":
+        """A SparseConv2d holding ``weight``'s [out, in, kh, kw] taps where ``mask`` is set
+        (default: non-zeros); ``conv_args``: stride, padding, dilation. Reads the dense kernel
+        once: for tests and conversions."""
+        if weight.dim() != 4:
+            raise ValueError(f"weight must be 4-D [out, in, kh, kw], got shape {tuple(weight.shape)}")
+        mask = weight != 0 if mask is None else mask.to(torch.bool)
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}")
+        out_c, in_c, kh, kw = weight.shape
+        layer = cls(in_c, out_c, (kh, kw), bias=bias is not None, fan_in=1,
+                    device=weight.device, dtype=weight.dtype, **conv_args)
+        flat_w, flat_m = weight.detach().reshape(out_c, -1), mask.reshape(out_c, -1)
+        row, col = flat_m.nonzero(as_tuple=True)   # row-major: sorted by (row, col)
+        with torch.no_grad():
+            layer._assign(row, col, flat_w[row, col].clone())
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def taps_per_channel(self) -> int:
+        """in_channels * kh * kw: the dense fan-in (columns of the [out, in*kh*kw] view)."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.out_channels * self.taps_per_channel)
+
+    def init_bound(self) -> float:
+        """1/sqrt(mean taps per output channel): the bound of initial values."""
+        return 1.0 / math.sqrt(max(1.0, self.nnz / self.out_channels))
+
+    def active_keys(self) -> torch.Tensor:
+        """Flat indices ``row * (in*kh*kw) + col`` of the active taps, sorted (int64): positions
+        in the dense kernel's flattened [out, in, kh, kw]."""
+        return self.row_indices.long() * self.taps_per_channel + self.col_indices.long()
+
+    def to_dense(self) -> torch.Tensor:
+        """The [out, in, kh, kw] kernel as a dense tensor (allocates it: small layers only)."""
+        w = torch.zeros(self.out_channels, self.taps_per_channel, dtype=self.values.dtype, device=self.values.device)
+        w[self.row_indices.long(), self.col_indices.long()] = self.values.detach()
+        return w.view(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the dense kernel (zeros at inactive taps) and the same bias."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None,
+                         device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def topology(self) -> _ConvTopology:
+        # rebuilt when the index buffers were replaced (a rewire, a load, ``.to(device)``)
+        if self._topo is None or self._topo.row is not self.row_indices or self._topo.col is not self.col_indices:
+            self._topo = _ConvTopology(self.row_indices, self.col_indices, self.out_channels, self.kernel_size)
+        return self._topo
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        sizes = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                      zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride))
+        if min(sizes) < 1:
+            raise ValueError(f"input {h}x{w} is too small for kernel {self.kernel_size} with padding "
+                             f"{self.padding} and dilation {self.dilation}")
+        return sizes
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SparseConv2d expects [B, {self.in_channels}, H, W] inputs, got shape {tuple(x.shape)}")
+        out_size = self.output_size(x.shape[2], x.shape[3])
+        args = (self.topology(), self.stride, self.padding, self.dilation, out_size)
+        if _autocast_enabled(x.device.type):
+            # run the sparse products in the values' dtype (MKL has no bf16 CSR matmul)
+            with torch.autocast(x.device.type, enabled=False):
+                return _SparseConv2dFunction.apply(x.to(self.values.dtype), self.values, self.bias, *args)
+        return _SparseConv2dFunction.apply(x, self.values, self.bias, *args)
+
+    @torch.no_grad()
+    def _assign(self, row: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the topology (sorted by (row, col)) and values; keeps the Parameter object."""
+        dev = self.values.device
+        self.row_indices = row.to(device=dev, dtype=torch.int32).contiguous()
+        self.col_indices = col.to(device=dev, dtype=torch.int32).contiguous()
+        values = values.to(device=dev, dtype=self.values.dtype)
+        if values.shape == self.values.shape:
+            self.values.copy_(values)
+        else:
+            _resize_parameter(self.values, values.contiguous())
+        self._topo = None
+
+    # -- checkpoints with a different N ----------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        vals = state_dict.get(prefix + "values")
+        if vals is not None and vals.shape != self.values.shape:
+            with torch.no_grad():
+                _resize_parameter(self.values, torch.empty_like(vals, device=self.values.device, dtype=self.values.dtype))
+            n = vals.numel()
+            self.row_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
+            self.col_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
+        self._topo = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, nnz={self.nnz}, "
+                f"density={self.density:.4g}, bias={self.bias is not None}")
