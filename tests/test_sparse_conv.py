@@ -176,3 +176,29 @@ def test_stacked_layers_with_inplace_activation_train():
         g = dense.weight.grad.reshape(dense.out_channels, -1)
         torch.testing.assert_close(sparse.values.grad, g[sparse.row_indices.long(), sparse.col_indices.long()],
                                    rtol=1e-4, atol=1e-5)
+
+
+def _small_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(SparseConv2d(3, 6, 3, padding=1, density=0.3, seed=1), torch.nn.ReLU(),
+                               SparseConv2d(6, 4, 3, stride=2, density=0.3, seed=2), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 3 * 3, 2))
+
+
+@pytest.mark.parametrize("format", ["dense", "condensed", "csr"])
+def test_export_gives_masked_conv2d_with_the_same_outputs(format):
+    model = _small_cnn()
+    out = regrow.export(model, {}, format=format)
+    assert not any(isinstance(m, SparseConv2d) for m in out.modules())
+    convs = [m for m in out.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2
+    torch.testing.assert_close(convs[0].weight, model[0].to_dense())
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_sparsity_refuses_it_clearly():
+    with pytest.raises(NotImplementedError, match="0.values: SparseConv2d does not run under DynamicSparsity"):
+        model = _small_cnn()
+        regrow.DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), method="set",
+                               sparsity=0.5, total_steps=1000)

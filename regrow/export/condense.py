@@ -137,7 +137,8 @@ def _is_sparse_layer(m: nn.Module) -> bool:
 
 
 def _densify_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """Always-sparse layers (``regrow.nn.SparseLinear``: values + indices) become nn.Linear + mask.
+    """Always-sparse layers (``regrow.nn.SparseLinear``: values + indices) become nn.Linear + mask;
+    a layer with ``to_conv2d`` (``regrow.nn.SparseConv2d``) becomes that nn.Conv2d + mask.
 
     Duck-typed on ``regrow_sparse_parameter``, ``active_keys`` and ``to_dense``, so the export
     works with whatever sparse layer implements that surface. The dense weight is built once
@@ -148,18 +149,21 @@ def _densify_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> 
             continue
         weight = m.to_dense().detach()
         bias = getattr(m, "bias", None)
-        linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=weight.device,
-                           dtype=weight.dtype)
+        if hasattr(m, "to_conv2d"):
+            dense_layer = m.to_conv2d()
+        else:
+            dense_layer = nn.Linear(m.in_features, m.out_features, bias=bias is not None,
+                                    device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                dense_layer.weight.copy_(weight)
+                if bias is not None:
+                    dense_layer.bias.copy_(bias.detach())
         mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
         mask[m.active_keys().to(weight.device)] = True
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias.detach())
         masks[f"{name}.weight" if name else "weight"] = mask.view_as(weight)
         if not name:
-            return linear
-        model.set_submodule(name, linear)
+            return dense_layer
+        model.set_submodule(name, dense_layer)
     return model
 
 

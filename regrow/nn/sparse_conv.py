@@ -319,6 +319,13 @@ class SparseConv2d(nn.Module):
                 return _SparseConv2dFunction.apply(x.to(self.values.dtype), self.values, self.bias, *args)
         return _SparseConv2dFunction.apply(x, self.values, self.bias, *args)
 
+    def make_regrow_target(self, name: str, budget: int, optimizer_state):
+        """The engine's hook for layers that store their weight sparsely: SparseConv2d has no
+        topology-update backend yet, so DynamicSparsity refuses it rather than train it static."""
+        raise NotImplementedError(
+            f"{name}: SparseConv2d does not run under DynamicSparsity yet (issue 17); use nn.Conv2d "
+            "with the masked backend, or train SparseConv2d with its fixed initial topology")
+
     @torch.no_grad()
     def _assign(self, row: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> None:
         """Replace the topology (sorted by (row, col)) and values; keeps the Parameter object."""
