@@ -329,9 +329,11 @@ class DynamicSparsity:
         if self.init_mask == "existing":
             # budgets read from a freshly built model's zeros: the run's are the checkpoint's
             self.sparsity = float(saved["sparsity"])
+        # the seed orders tied scores (and future draws come from the restored generator): a
+        # different one would resume with other tie-breaks
         for key, mine in (("method", self.method.name), ("sparsity", self.sparsity),
-                          ("distribution", self.distribution)):
-            if saved[key] != mine:
+                          ("distribution", self.distribution), ("seed", self.seed)):
+            if key in saved and saved[key] != mine:
                 raise ValueError(f"checkpoint was made with {key} {saved[key]!r}, not {mine!r}; "
                                  "create DynamicSparsity with the checkpoint's settings")
         # a method training weights outside its mask (Top-KAST's B \ A) owns their optimizer
@@ -363,7 +365,7 @@ class DynamicSparsity:
         """Methods that smooth the dense gradient (SNFS's momentum) see it at every step."""
         if not all(target.grad_is_finite() for target in self.targets):
             warnings.warn(f"regrow: non-finite gradient at step {t}; method '{self.method.name}' does not "
-                          "add it to its running gradient statistics", RuntimeWarning, stacklevel=3)
+                          "add it to its running gradient statistics", RuntimeWarning, stacklevel=4)
             return
         for target in self.targets:
             target.snapshot_grad()

@@ -160,6 +160,14 @@ def test_load_state_dict_rejects_another_model():
         c.load_state_dict(a.state_dict())
 
 
+def test_load_state_dict_rejects_another_seed():
+    # the seed orders tied scores: resuming under another one would rewire differently
+    _, _, a = build("set", seed=1)
+    _, _, b = build("set", seed=2)
+    with pytest.raises(ValueError, match="seed 1"):
+        b.load_state_dict(a.state_dict())
+
+
 def test_adam_state_of_pruned_and_grown_weights_is_zero():
     model, optimizer, dst = build("rigl", opt="adam", total_steps=20, update_interval=2)
     before = None
