@@ -398,3 +398,17 @@ def test_topkast_refuses_the_always_sparse_backend():
     with pytest.raises(ValueError, match="topkast"):
         regrow.DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), method="topkast",
                                sparsity=0.8, total_steps=10)
+
+
+def test_topkast_flops_count_the_backward_set_every_step(tmp_path):
+    from regrow.experiments.config import TrainConfig
+    from regrow.experiments.flops import growth_cost
+    from regrow.experiments.train import train
+    model, optimizer, dst = build("topkast")
+    assert growth_cost(dst.method) == "subset_grad"
+    assert dst.method.step_gradient_fraction(dst.targets[0]) == pytest.approx(dst.targets[0].budget / dst.targets[0].numel)
+    base = dict(dataset="digits", epochs=1, sparsity=0.9, update_interval=5, threads=1)
+    topkast = train(TrainConfig(method="topkast", **base), tmp_path / "t")
+    static = train(TrainConfig(method="static", **base), tmp_path / "s")
+    # forward and activation gradients at D, weight gradients over B = 2D: about 4/3 of static
+    assert 1.2 < topkast["train_flops_ratio"] / static["train_flops_ratio"] < 1.4

@@ -198,6 +198,8 @@ class TrainFlops:
 def growth_cost(method) -> str:
     """Which gradient a method's update step needs, for :func:`step_flops`."""
     from ..methods.gse import GSE
+    if hasattr(method, "step_gradient_fraction"):
+        return "subset_grad"   # Top-KAST: every step's weight gradient also covers B \ A
     if getattr(method, "observes_gradients", False):
         return "dense_grad"   # SNFS: the dense gradient at every step (the loop charges each one)
     if not getattr(method, "dynamic", False) or not getattr(method, "needs_grad", False):

@@ -83,11 +83,13 @@ def train_epoch(run: Run, net, epoch: int, first: int, sums: EpochSums, *, progr
         t_next = dst.step_count + 1
         update = dst.method.dynamic and dst.schedule.is_update(t_next)
         subset = None
-        if update and run.growth == "subset_grad":
+        dense_every_step = dst.method.observes_gradients   # snfs reads the dense gradient at every step
+        if hasattr(dst.method, "step_gradient_fraction"):   # top-kast: weight gradients over its set B
+            subset = {t.name: dst.method.step_gradient_fraction(t) for t in dst.targets}
+        elif update and run.growth == "subset_grad":
             frac = dst.schedule.fraction(t_next)
             subset = {name: gse_subset_fraction(nnz, numel, dst.method.gamma, frac)
                       for name, (nnz, numel) in layer_counts.items()}
-        dense_every_step = dst.method.observes_gradients   # snfs reads the dense gradient at every step
         run.flops.add_step(layer_density, len(idx) * group.world_size,
                            run.growth if update or dense_every_step else "none", subset)
         first = dst.step_count == 0

@@ -84,6 +84,11 @@ class TopKAST(Method):
         if drop.numel() or grow.numel():
             target.rewire(drop, grow, values)
 
+    def step_gradient_fraction(self, target) -> float:
+        """|B \\ A| / numel: the weight gradients every step computes beyond the forward set
+        (for the FLOPs count; the papers count Top-KAST's backward over B)."""
+        return int((self.backward[target.name] & ~target.mask.reshape(-1)).sum()) / target.numel
+
     def trained_outside_mask(self, target) -> torch.Tensor:
         """Every weight outside A: B \\ A is trained, and a weight that left B keeps its optimizer
         state for when it returns (the dense parameter of the paper)."""
