@@ -20,15 +20,14 @@ later op needs NCHW storage.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .sparse_linear import (_autocast_enabled, _even_counts, _resize_parameter, constant_fan_in,
-                            sampled_grad)
+from ._indexed import IndexedWeights
+from .sparse_linear import _autocast_enabled, _even_counts, constant_fan_in, sampled_grad
 
 _MAX_INDEX = 2**31 - 1   # int32 indices
 
@@ -160,7 +159,7 @@ class _SparseConv2dFunction(torch.autograd.Function):
         return grad_x, grad_v, grad_b, None, None, None, None, None
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(IndexedWeights, nn.Module):
     """A 2-D convolution that stores only its active kernel taps.
 
     Same call as ``nn.Conv2d`` (zero padding, ``groups=1`` only), plus exactly one of:
@@ -255,32 +254,22 @@ class SparseConv2d(nn.Module):
 
     # -- reading ---------------------------------------------------------------------------
     @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
     def taps_per_channel(self) -> int:
         """in_channels * kh * kw: the dense fan-in (columns of the [out, in*kh*kw] view)."""
         return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
     @property
-    def density(self) -> float:
-        return self.nnz / (self.out_channels * self.taps_per_channel)
+    def rows(self) -> int:
+        return self.out_channels
 
-    def init_bound(self) -> float:
-        """1/sqrt(mean taps per output channel): the bound of initial values."""
-        return 1.0 / math.sqrt(max(1.0, self.nnz / self.out_channels))
-
-    def active_keys(self) -> torch.Tensor:
-        """Flat indices ``row * (in*kh*kw) + col`` of the active taps, sorted (int64): positions
-        in the dense kernel's flattened [out, in, kh, kw]."""
-        return self.row_indices.long() * self.taps_per_channel + self.col_indices.long()
+    @property
+    def cols(self) -> int:
+        """Flat keys ``row * cols + col`` are positions in the flattened [out, in, kh, kw] kernel."""
+        return self.taps_per_channel
 
     def to_dense(self) -> torch.Tensor:
         """The [out, in, kh, kw] kernel as a dense tensor (allocates it: small layers only)."""
-        w = torch.zeros(self.out_channels, self.taps_per_channel, dtype=self.values.dtype, device=self.values.device)
-        w[self.row_indices.long(), self.col_indices.long()] = self.values.detach()
-        return w.view(self.out_channels, self.in_channels, *self.kernel_size)
+        return self.dense_matrix().view(self.out_channels, self.in_channels, *self.kernel_size)
 
     def to_conv2d(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the dense kernel (zeros at inactive taps) and the same bias."""
@@ -325,33 +314,6 @@ class SparseConv2d(nn.Module):
         raise NotImplementedError(
             f"{name}: SparseConv2d does not run under DynamicSparsity yet (issue 17); use nn.Conv2d "
             "with the masked backend, or train SparseConv2d with its fixed initial topology")
-
-    @torch.no_grad()
-    def _assign(self, row: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> None:
-        """Replace the topology (sorted by (row, col)) and values; keeps the Parameter object."""
-        dev = self.values.device
-        self.row_indices = row.to(device=dev, dtype=torch.int32).contiguous()
-        self.col_indices = col.to(device=dev, dtype=torch.int32).contiguous()
-        values = values.to(device=dev, dtype=self.values.dtype)
-        if values.shape == self.values.shape:
-            self.values.copy_(values)
-        else:
-            _resize_parameter(self.values, values.contiguous())
-        self._topo = None
-
-    # -- checkpoints with a different N ----------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        vals = state_dict.get(prefix + "values")
-        if vals is not None and vals.shape != self.values.shape:
-            with torch.no_grad():
-                _resize_parameter(self.values, torch.empty_like(vals, device=self.values.device, dtype=self.values.dtype))
-            n = vals.numel()
-            self.row_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
-            self.col_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
-        self._topo = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -18,7 +18,6 @@ matmuls and ``sampled_addmm``) otherwise (CUDA, float64, or no C compiler), same
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from . import _sparse_kernels
+from ._indexed import IndexedWeights
 
 _MAX_FEATURES = 2**31 - 1   # int32 indices
 
@@ -328,20 +328,7 @@ def constant_fan_in(rows: int, cols: int, counts: torch.Tensor,
     return row[keep], col[keep]
 
 
-def _resize_parameter(param: nn.Parameter, data: torch.Tensor) -> None:
-    """``param.data = data`` for data of another shape (N changed: SRigL's ablation, a load).
-
-    The parameter's gradient accumulator remembers the old shape, and a graph still alive from
-    the previous step (the loop's last ``loss``) keeps it alive, so the next backward would fail
-    ("invalid gradient ... got [N'] but expected [N]"). torch drops the accumulator when the
-    data's dtype changes, not its shape: pass through an empty tensor of another dtype first.
-    """
-    other = torch.float64 if data.dtype != torch.float64 else torch.float32
-    param.data = torch.empty(0, dtype=other, device=data.device)
-    param.data = data
-
-
-class SparseLinear(nn.Module):
+class SparseLinear(IndexedWeights, nn.Module):
     """A linear layer that stores only its active weights; DynamicSparsity rewires it in place.
 
     ``y = x W^T + b`` where W [out_features, in_features] is represented by ``values`` [N] at
@@ -430,26 +417,16 @@ class SparseLinear(nn.Module):
 
     # -- reading ---------------------------------------------------------------------------
     @property
-    def nnz(self) -> int:
-        return self.values.numel()
+    def rows(self) -> int:
+        return self.out_features
 
     @property
-    def density(self) -> float:
-        return self.nnz / (self.in_features * self.out_features)
-
-    def init_bound(self) -> float:
-        """1/sqrt(mean fan-in): the bound of initial (and randomly regrown) values."""
-        return 1.0 / math.sqrt(max(1.0, self.nnz / self.out_features))
-
-    def active_keys(self) -> torch.Tensor:
-        """Flat indices ``row * in_features + col`` of the active weights, sorted (int64)."""
-        return self.row_indices.long() * self.in_features + self.col_indices.long()
+    def cols(self) -> int:
+        return self.in_features
 
     def to_dense(self) -> torch.Tensor:
         """The [out, in] weight as a dense tensor (allocates out x in: small layers only)."""
-        w = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
-        w[self.row_indices.long(), self.col_indices.long()] = self.values.detach()
-        return w
+        return self.dense_matrix()
 
     def topology(self) -> _Topology:
         # rebuilt when the index buffers were replaced: a rewire or a load resets it, and
@@ -488,35 +465,6 @@ class SparseLinear(nn.Module):
     def captured(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(h^T [in, B], delta^T [out, B])`` of the armed step, or None."""
         return None if self._capture is None else self._capture.pair()
-
-    @torch.no_grad()
-    def _assign(self, row: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> None:
-        """Replace the topology (sorted by (row, col)) and values; keeps the Parameter object
-        so optimizers keep holding it (in place when N is unchanged)."""
-        dev = self.values.device
-        self.row_indices = row.to(device=dev, dtype=torch.int32).contiguous()
-        self.col_indices = col.to(device=dev, dtype=torch.int32).contiguous()
-        values = values.to(device=dev, dtype=self.values.dtype)
-        if values.shape == self.values.shape:
-            self.values.copy_(values)
-        else:
-            _resize_parameter(self.values, values.contiguous())
-        self._topo = None
-
-    # -- checkpoints with a different N ----------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        vals = state_dict.get(prefix + "values")
-        if vals is not None and vals.shape != self.values.shape:
-            # a checkpoint of the same layer after a drop-only update: resize before copying
-            with torch.no_grad():
-                _resize_parameter(self.values, torch.empty_like(vals, device=self.values.device, dtype=self.values.dtype))
-            n = vals.numel()
-            self.row_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
-            self.col_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
-        self._topo = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
