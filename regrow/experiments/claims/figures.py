@@ -22,6 +22,10 @@ def lines(series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[flo
         ax.set_xscale("log", base=2)
     if xticks is not None:
         ax.set_xticks(list(xticks), [f"{x:g}" if isinstance(x, float) else str(x) for x in xticks])
+    return _finish(fig, ax, xlabel, ylabel, title, path)
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -38,12 +42,4 @@ def scatter(points: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabe
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     for label, (xs, ys) in points.items():
         ax.scatter(list(xs), [yscale * y for y in ys], label=label, s=22)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, xlabel, ylabel, title, path)
