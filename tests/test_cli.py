@@ -170,3 +170,24 @@ def test_demo_shortened(tmp_path, capsys):
     for name in ("Dense", "Static", "SET", "RigL", "GSE", "DST-EE", "SRigL"):
         assert f"| {name} |" in table
     assert (out / "plots" / "accuracy_vs_sparsity.png").is_file()
+
+
+def test_cli_warnings_are_one_line_and_the_format_is_restored(tmp_path):
+    import subprocess
+    import sys
+    import warnings
+
+    from regrow.experiments.cli import _one_line_warning, main
+    # 12 steps on digits at the default interval: the never-updates warning (a fresh process:
+    # pytest records warnings instead of printing them)
+    done = subprocess.run([sys.executable, "-m", "regrow", "train", "--method", "rigl", "--dataset", "digits",
+                           "--epochs", "1", "--quiet", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "never update" in line]
+    assert len(lines) == 1 and lines[0].startswith("regrow: ")
+    assert "return DynamicSparsity(" not in done.stderr   # no source line
+    before = warnings.formatwarning
+    assert main(["train", "--method", "rigl", "--dataset", "digits", "--epochs", "1", "--quiet",
+                 "--out", str(tmp_path / "again")]) == 0
+    assert warnings.formatwarning is before and before is not _one_line_warning

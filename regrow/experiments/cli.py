@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -368,11 +369,18 @@ def ask_for_huge_pages() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    text = str(message)
+    return (text if text.startswith("regrow") else f"regrow: {category.__name__}: {text}") + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``regrow`` console script and ``python -m regrow``."""
     ask_for_huge_pages()
     parser = build_parser()
     args = parser.parse_args(argv)
+    # a warning is news for the user, not for a developer: one line, without the source line
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -388,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"regrow {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":
