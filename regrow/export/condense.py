@@ -12,7 +12,9 @@
   ``nn.Linear`` with constant fan-in over its active rows becomes a ``CondensedLinear``
   (rows that lost inputs to an upstream removal are zero-padded), one with varying fan-in
   becomes ``CSRLinear`` if its density is at most ``csr_max_density`` and stays dense
-  otherwise; a masked layer without zeros (density 1) stays a plain ``nn.Linear``. Convolutions stay dense with masks applied: a condensed convolution measured
+  otherwise; a masked layer without zeros (density 1) stays a plain ``nn.Linear``. An always-sparse
+  ``SparseLinear`` that no removal can touch is converted the same way straight from its indices
+  (no out x in weight); the others, and ``SparseConv2d``, become dense layers + masks first. Convolutions stay dense with masks applied: a condensed convolution measured
   slower than torch's dense one here (see ``benchmarks/inference.py``), but their ablated
   output channels are removed where the graph allows.
 
@@ -77,7 +79,8 @@ def export(model: nn.Module, dst_or_masks: Any, format: str = "condensed", *,
     out = copy.deepcopy(model)
     _strip_training_state(out)
     out.eval()
-    out = _densify_sparse_layers(out, masks)
+    order = {n: i for i, (n, _) in enumerate(out.named_modules())}
+    out, direct = _convert_sparse_layers(out, masks, format, csr_max_density)
     params = dict(out.named_parameters())
     with torch.no_grad():
         for name, mask in masks.items():
@@ -86,7 +89,11 @@ def export(model: nn.Module, dst_or_masks: Any, format: str = "condensed", *,
     if format == "condensed":
         state.remove_ablated()
     out = state.convert(format, csr_max_density)
-    out.regrow_export_report = state.report(out)
+    report = state.report(out)
+    if direct:  # in the model's module order; rows naming parameters (not modules) stay last
+        report = sorted(report + list(direct.values()),
+                        key=lambda r: order.get("" if r["name"] == "(root)" else r["name"], len(order)))
+    out.regrow_export_report = report
     return out
 
 
@@ -136,17 +143,29 @@ def _is_sparse_layer(m: nn.Module) -> bool:
     return hasattr(m, "regrow_sparse_parameter") and hasattr(m, "active_keys") and hasattr(m, "to_dense")
 
 
-def _densify_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """Always-sparse layers (``regrow.nn.SparseLinear``: values + indices) become nn.Linear + mask;
-    a layer with ``to_conv2d`` (``regrow.nn.SparseConv2d``) becomes that nn.Conv2d + mask.
+def _convert_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor], format: str,
+                           csr_max_density: float) -> tuple[nn.Module, dict[str, dict]]:
+    """Convert the always-sparse layers (duck-typed: ``regrow_sparse_parameter``, ``active_keys``,
+    ``to_dense``); returns the model and the report rows of the layers converted directly.
 
-    Duck-typed on ``regrow_sparse_parameter``, ``active_keys`` and ``to_dense``, so the export
-    works with whatever sparse layer implements that surface. The dense weight is built once
-    here (out x in); the formats below then condense it again.
+    A sparse linear layer (``values`` + ``row_indices`` / ``col_indices``) that the condensed
+    export's neuron removal cannot touch becomes ``CondensedLinear`` / ``CSRLinear`` straight
+    from its indices (nothing of size out x in); see :func:`_direct`. Every other one, and every
+    layer with ``to_conv2d`` (``regrow.nn.SparseConv2d``), becomes nn.Linear / nn.Conv2d + mask
+    (the dense weight built once, out x in) for the graph surgery and formats of ``_ExportState``.
     """
-    for name, m in list(model.named_modules()):
-        if not _is_sparse_layer(m):
-            continue
+    sparse = [(n, m) for n, m in model.named_modules() if _is_sparse_layer(m)]
+    surgery = _removal_candidates(sparse, masks) if format == "condensed" else set()
+    direct: dict[str, dict] = {}
+    for name, m in sparse:
+        if format != "dense" and name not in surgery and not hasattr(m, "to_conv2d"):
+            converted = _direct(name, m, format, csr_max_density)
+            if converted is not None:
+                direct[name] = converted[1]
+                if not name:
+                    return converted[0], direct
+                model.set_submodule(name, converted[0])
+                continue
         weight = m.to_dense().detach()
         bias = getattr(m, "bias", None)
         if hasattr(m, "to_conv2d"):
@@ -162,9 +181,56 @@ def _densify_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> 
         mask[m.active_keys().to(weight.device)] = True
         masks[f"{name}.weight" if name else "weight"] = mask.view_as(weight)
         if not name:
-            return dense_layer
+            return dense_layer, direct
         model.set_submodule(name, dense_layer)
-    return model
+    return model, direct
+
+
+def _removal_candidates(sparse: list[tuple[str, nn.Module]], masks: dict[str, torch.Tensor]) -> set[str]:
+    """The sparse layers the condensed export's neuron removal might touch (a superset, from
+    counts alone): those with ablated rows (producers) and those whose input size is a multiple
+    of an ablating layer's output size (possible consumers; ``_find_chain`` needs at least that)."""
+    widths: set[int] = set()
+    surgery: set[str] = set()
+    for name, m in sparse:
+        if bool((torch.bincount(m.row_indices.long(), minlength=m.rows) == 0).any()):
+            surgery.add(name)
+            widths.add(m.rows)
+    for mask in masks.values():
+        if mask.dim() >= 2 and bool((~mask.reshape(mask.shape[0], -1).any(1)).any()):
+            widths.add(mask.shape[0])
+    surgery.update(name for name, m in sparse if any(m.cols % w == 0 for w in widths))
+    return surgery
+
+
+def _direct(name: str, m: nn.Module, format: str, csr_max_density: float) -> tuple[nn.Module, dict] | None:
+    """``m`` as CondensedLinear (constant fan-in over its non-empty rows, condensed format) or
+    CSRLinear (csr format; condensed format at density <= ``csr_max_density``) read from its
+    indices, with its report row; None where the export keeps it dense (density 1, or varying
+    fan-in above ``csr_max_density``: the dense weight is then at most 1 / csr_max_density times
+    the stored values)."""
+    row, col, values, shape = m.row_indices, m.col_indices, m.values.detach(), (m.rows, m.cols)
+    bias = getattr(m, "bias", None)
+    counts = torch.bincount(row.long(), minlength=m.rows)
+    active = counts[counts > 0]
+    density = values.numel() / (shape[0] * shape[1])
+    notes = ["read from the layer's indices (no dense weight)"]
+    if format == "condensed" and density == 1.0:
+        return None
+    if format == "condensed" and (active.numel() == 0 or bool((active == active[0]).all())):
+        new, fmt = CondensedLinear.from_indices(row, col, values, shape, bias), "condensed"
+        if new.row_index is not None:
+            notes.append(f"{new.out_features - new.rows} ablated outputs kept (output = bias)")
+    elif format == "csr" or density <= csr_max_density:
+        new, fmt = CSRLinear.from_indices(row, col, values, shape, bias), "csr"
+        if format == "condensed":
+            notes.append(f"fan-in not constant: csr (density {density:.3f} <= {csr_max_density})")
+    else:
+        return None
+    tensors = list(new.parameters(recurse=False)) + list(new.buffers(recurse=False))
+    return new, {"name": name or "(root)", "kind": type(m).__name__, "format": fmt, "shape": list(shape),
+                 "nnz": values.numel(), "params": int(sum(p.numel() for p in new.parameters(recurse=False))),
+                 "bytes": int(sum(t.numel() * t.element_size() for t in tensors)), "notes": "; ".join(notes)}
 
 
 def _is_plain_linear(m: nn.Module) -> bool:
@@ -236,7 +302,7 @@ class _ExportState:
         if not ablated:
             return
         try:
-            graph = fx.symbolic_trace(self.model).graph
+            graph = _LeafTracer().trace(self.model)
         except Exception as exc:  # any tracing failure means: no proof, keep widths
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
             for name, dead in ablated.items():
@@ -502,6 +568,14 @@ class _ExportState:
                          "nnz": int(mask.sum()), "params": mask.numel(), "bytes": mask.numel() * 4,
                          "notes": "mask applied to the dense parameter"})
         return rows
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, with the layers already converted from indices (CondensedLinear,
+    CSRLinear: their forward branches on shapes) kept as opaque calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (CondensedLinear, CSRLinear)) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _only_input(node: fx.Node, source: fx.Node) -> bool:

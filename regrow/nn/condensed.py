@@ -61,6 +61,25 @@ def has_constant_fan_in(mask: torch.Tensor) -> bool:
     return active.numel() == 0 or bool((active == active[0]).all())
 
 
+def _row_major(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+               shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int64 ``row``, ``col`` and ``values`` sorted by (row, col), checked against ``shape``."""
+    out_f, in_f = shape
+    row, col = row.to(device=values.device, dtype=torch.int64), col.to(device=values.device, dtype=torch.int64)
+    if not row.shape == col.shape == values.shape or row.dim() != 1:
+        raise ValueError(f"row, col and values must be 1-D of one length, got {tuple(row.shape)}, "
+                         f"{tuple(col.shape)}, {tuple(values.shape)}")
+    if row.numel() and (int(row.min()) < 0 or int(row.max()) >= out_f or int(col.min()) < 0 or int(col.max()) >= in_f):
+        raise ValueError(f"indices out of range for shape {tuple(shape)}")
+    keys = row * in_f + col
+    if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        keys, order = keys.sort()
+        if bool((keys[1:] == keys[:-1]).any()):
+            raise ValueError("repeated (row, col) entries")
+        row, col, values = row[order], col[order], values[order]
+    return row, col, values
+
+
 def _validate_after_load(module: nn.Module, _incompatible_keys: object) -> None:
     module.validate()  # a module-level function, so modules stay picklable
 
@@ -149,6 +168,38 @@ class CondensedLinear(nn.Module):
             layer.weight.copy_(torch.where(valid, weight[active].gather(1, idx), torch.zeros((), dtype=weight.dtype,
                                                                                                device=weight.device)))
             layer.indices.copy_(idx.to(layer.indices.dtype))
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+            if layer.row_index is not None:
+                layer.row_index.copy_(active)
+        return layer
+
+    @classmethod
+    def from_indices(cls, row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                     bias: torch.Tensor | None = None,
+                     index_dtype: torch.dtype | str | None = None) -> "CondensedLinear":
+        """Condense a weight given as its active entries (``values`` at ``(row, col)``, no repeats),
+        every non-empty row with the same count; builds nothing of size ``out x in``.
+
+        Gives the same layer as :meth:`from_dense` on the equivalent dense weight and mask: rows
+        without entries become kept-in-place ablated outputs (their output is the bias).
+
+        Raises:
+            ValueError: rows with different non-zero counts (use :class:`CSRLinear`).
+        """
+        row, col, values = _row_major(row, col, values.detach(), shape)
+        out_f, in_f = shape
+        counts = torch.bincount(row, minlength=out_f)
+        active = (counts > 0).nonzero().squeeze(1)
+        k = int(counts.max()) if counts.numel() else 0
+        if bool((counts[active] != k).any()):
+            raise ValueError("CondensedLinear.from_indices needs the same number of entries in every non-empty row")
+        layer = cls(in_f, out_f, k, bias=bias is not None, rows=active.numel(), index_dtype=index_dtype,
+                    device=values.device, dtype=values.dtype)
+        with torch.no_grad():
+            # row-major entries of rows with k each: row r's entries are one run of k, ascending columns
+            layer.weight.copy_(values.view(active.numel(), k))
+            layer.indices.copy_(col.view(active.numel(), k).to(layer.indices.dtype))
             if bias is not None:
                 layer.bias.copy_(bias.detach())
             if layer.row_index is not None:
@@ -310,6 +361,26 @@ class CSRLinear(nn.Module):
             layer.col_indices.copy_(nz[:, 1])
             crow = torch.zeros(out_f + 1, dtype=torch.int64, device=weight.device)
             crow[1:] = torch.cumsum(mask.sum(1), 0)
+            layer.crow_indices.copy_(crow)
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_indices(cls, row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                     bias: torch.Tensor | None = None,
+                     index_dtype: torch.dtype | str | None = "int32") -> "CSRLinear":
+        """Store a weight given as its active entries (``values`` at ``(row, col)``, no repeats);
+        builds nothing of size ``out x in``. Same layer as :meth:`from_dense` on the dense equivalent."""
+        row, col, values = _row_major(row, col, values.detach(), shape)
+        out_f, in_f = shape
+        layer = cls(in_f, out_f, values.numel(), bias=bias is not None, index_dtype=index_dtype,
+                    device=values.device, dtype=values.dtype)
+        with torch.no_grad():
+            layer.values.copy_(values)
+            layer.col_indices.copy_(col)
+            crow = torch.zeros(out_f + 1, dtype=torch.int64, device=values.device)
+            crow[1:] = torch.cumsum(torch.bincount(row, minlength=out_f), 0)
             layer.crow_indices.copy_(crow)
             if bias is not None:
                 layer.bias.copy_(bias.detach())
