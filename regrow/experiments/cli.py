@@ -261,6 +261,17 @@ def _train_command(args, *, quiet: bool) -> int:
         if extra or args.config or args.out:
             given = extra + (["--config"] if args.config else []) + (["--out"] if args.out else [])
             raise CLIError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
+    if args.resume and (Path(args.resume) / "round-0").is_dir():   # an imp run: continue its rounds
+        args.run_dir = Path(args.resume)
+        if (args.run_dir / "summary.json").exists():
+            raise CLIError(f"imp run in {args.run_dir} already finished (summary.json exists); nothing to resume")
+        if hasattr(args, "threads"):
+            raise CLIError("an imp run resumes with its own --threads; drop --threads")
+        from .imp import run_imp
+        summary = run_imp(None, args.resume, progress=_show_progress(args), log=_log(args),
+                          tensorboard=args.tensorboard)
+        out = Path(args.resume)
+    elif args.resume:
         config = None
         args.run_dir = Path(args.resume)   # for the Ctrl-C hint in main()
         if hasattr(args, "threads"):
@@ -273,7 +284,13 @@ def _train_command(args, *, quiet: bool) -> int:
         config = resolve_config(args)
         out = Path(args.out or f"runs/{config.method}-sp{config.sparsity:g}-seed{config.seed}")
         args.run_dir = out   # for the Ctrl-C hint in main()
-        summary = train(config, out, progress=_show_progress(args), log=_log(args), tensorboard=args.tensorboard)
+        if config.method == "imp":   # rounds of ordinary runs; the same command again continues them
+            from .imp import run_imp
+            summary = run_imp(config, out, progress=_show_progress(args), log=_log(args),
+                              tensorboard=args.tensorboard)
+        else:
+            summary = train(config, out, progress=_show_progress(args), log=_log(args),
+                            tensorboard=args.tensorboard)
     if not quiet:
         print(f"{summary['method']} at sparsity {summary['sparsity']:g}: test accuracy "
               f"{100 * summary['test_accuracy']:.2f}% (best {100 * summary['best_test_accuracy']:.2f}%), "

@@ -128,7 +128,12 @@ def run_compare(base: TrainConfig, methods: list[str], sparsities: list[float], 
                 log(f"{spec.name}: finished earlier, test accuracy {100 * done['test_accuracy']:.2f}%")
             continue
         resume = checkpoint_path(run_dir).is_file()
-        summary = train(cfg, run_dir, resume=resume, progress=progress, progress_position=1)
+        if cfg.method == "imp":   # rounds of ordinary runs inside run_dir, each resumable
+            from .imp import run_imp
+            resume = (run_dir / CONFIG_NAME).is_file()
+            summary = run_imp(cfg, run_dir, progress=progress, progress_position=1)
+        else:
+            summary = train(cfg, run_dir, resume=resume, progress=progress, progress_position=1)
         summaries.append(summary)
         if log:
             log(f"{spec.name}: test accuracy {100 * summary['test_accuracy']:.2f}%, "

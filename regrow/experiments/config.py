@@ -28,6 +28,11 @@ BACKENDS = ("masked", "sparse")
 SPARSE_BACKEND_MODELS = ("mlp", "vit")
 GROW_INITS = ("zero", "random")
 SAMPLINGS = ("uniform", "grabo", "graest")
+#: the engine's methods and ``imp``, which the CLI runs as rounds of them (see :mod:`.imp`)
+CLI_METHODS: tuple[str, ...] = METHODS + ("imp",)
+#: the method options ``imp`` takes (its rounds and pruning scope)
+IMP_OPTIONS = ("rounds", "scope")
+INIT_MASKS = ("random", "magnitude", "existing")
 
 # kinds: int, float, str, bool (flag with --no-), obool (True/False/None), ints, floats,
 # strs (comma-separated on the command line), dict (KEY=VALUE, repeatable)
@@ -93,7 +98,8 @@ class TrainConfig:
                                  "int", metavar="N")
 
     # -- dynamic sparsity (regrow.DynamicSparsity) -----------------------------------------
-    method: str = _opt("rigl", "sparse training method", "str", choices=METHODS, group="sparsity")
+    method: str = _opt("rigl", "sparse training method (imp: iterative magnitude pruning with rewinding, "
+                       "rounds of dense then static runs)", "str", choices=CLI_METHODS, group="sparsity")
     sparsity: float = _opt(0.9, "fraction of the sparsified weights that are zero", "float",
                            group="sparsity")
     distribution: str = _opt("erk", "per-layer density allocation", "str", choices=DISTRIBUTIONS,
@@ -112,6 +118,13 @@ class TrainConfig:
                             choices=("fan_in", "none"), group="sparsity")
     dense_layers: list = _opt([], "parameter or module names kept dense, comma-separated", "strs",
                               group="sparsity", metavar="NAME,...")
+    rewind_epoch: int | None = _opt(None, "imp: rewind the survivors to their values at the end of this epoch "
+                                    "of the dense round (0: the initial weights; default 0); other methods: "
+                                    "write OUT/rewind.pt then", "int", group="sparsity", metavar="E")
+    init_weights: str | None = _opt(None, "load these weights (a state_dict .pt) before the sparsity engine "
+                                    "is built", "str", group="sparsity", metavar="FILE")
+    init_mask: str = _opt("random", "initial masks (see DynamicSparsity): random, magnitude (largest |w|) or "
+                          "existing (the loaded weights' zeros)", "str", choices=INIT_MASKS, group="sparsity")
     backend: str = _opt("masked", "masked (any model) or sparse (always-sparse SparseLinear; mlp with "
                         "static, set or gse only)", "str", choices=BACKENDS, group="sparsity")
 
@@ -130,9 +143,10 @@ class TrainConfig:
                                  "obool", group="method options")
     begin_fraction: float | None = _opt(None, "gmp: start pruning at this fraction of training (0.0)",
                                         "float", group="method options")
-    scope: str | None = _opt(None, "snip, grasp, synflow: rank all layers together or each layer on its "
+    scope: str | None = _opt(None, "snip, grasp, synflow, imp: rank all layers together or each layer on its "
                              "own (global)", "str", choices=("global", "layer"), group="method options")
-    rounds: int | None = _opt(None, "synflow: pruning rounds (100)", "int", group="method options")
+    rounds: int | None = _opt(None, "synflow: pruning rounds (100); imp: prune-rewind-retrain "
+                          "rounds after the dense one (3)", "int", group="method options")
     momentum_beta: float | None = _opt(None, "snfs: smoothing of its running dense-gradient mean (0.9)",
                                        "float", group="method options")
     lam: float | None = _opt(None, "mest: gradient weight in the drop score |w| + lam |g| (1e-2)", "float",
@@ -155,7 +169,7 @@ class TrainConfig:
         ``strict``: an option the method does not take is an error (``train``); otherwise it
         is dropped (``compare`` shares one set of options among several methods).
         """
-        accepted = set(option_names(REGISTRY[self.method]))
+        accepted = set(IMP_OPTIONS) if self.method == "imp" else set(option_names(REGISTRY[self.method]))
         out = {}
         for key, kw in METHOD_OPTIONS.items():
             value = getattr(self, key)
@@ -195,6 +209,17 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
         if self.method == "dense" and self.sparsity != 0.0:
             raise ValueError("method 'dense' trains every weight: use --sparsity 0")
+        if self.rewind_epoch is not None and not 0 <= self.rewind_epoch <= self.epochs:
+            raise ValueError(f"rewind_epoch must be in [0, epochs], got {self.rewind_epoch}")
+        if self.method == "imp":
+            if self.backend != "masked" or self.nm is not None or self.init_weights is not None \
+                    or self.init_mask != "random":
+                raise ValueError("imp prunes dense weights by magnitude on the masked backend: it takes no "
+                                 "--backend sparse, --nm, --init-weights or --init-mask")
+            if not 0.0 < self.sparsity < 1.0:
+                raise ValueError(f"imp needs a sparsity in (0, 1), got {self.sparsity}")
+            if self.rounds is not None and self.rounds < 1:
+                raise ValueError(f"imp needs --rounds >= 1, got {self.rounds}")
         if self.backend == "sparse":
             if self.model not in SPARSE_BACKEND_MODELS:
                 raise ValueError(f"--backend sparse converts nn.Linear and attention layers (models "

@@ -15,7 +15,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from ..methods import REGISTRY, option_names
-from .config import FIELDS, METHOD_OPTIONS, TrainConfig, coerce
+from .config import FIELDS, IMP_OPTIONS, METHOD_OPTIONS, TrainConfig, coerce
 
 # set by their own flags
 _OWN_FLAGS = {"method": "--methods", "sparsity": "--sparsity", "seed": "--seed and --seeds"}
@@ -69,6 +69,8 @@ def parse_vary(texts: Sequence[str]) -> dict[str, list]:
 def applies(method: str, key: str) -> bool:
     """Whether setting ``key`` changes a run of ``method``."""
     if key in METHOD_OPTIONS:
+        if method == "imp":   # run by the CLI as rounds, not an engine method
+            return key in IMP_OPTIONS
         return METHOD_OPTIONS[key] in option_names(REGISTRY[method])
     if method == "dense":
         return key not in SPARSE_ONLY

@@ -5,7 +5,10 @@ from ..methods import METHODS
 
 DISPLAY = {"dense": "Dense", "static": "Static", "set": "SET", "rigl": "RigL", "gse": "GSE",
            "dstee": "DST-EE", "srigl": "SRigL", "gmp": "GMP",
-           "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow", "snfs": "SNFS", "mest": "MEST", "cht": "CHT", "topkast": "Top-KAST"}
+           "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow", "snfs": "SNFS", "mest": "MEST", "cht": "CHT", "topkast": "Top-KAST",
+           "imp": "IMP (lottery ticket)"}
+#: the engine's methods, then those the CLI runs as several of them
+ORDER = METHODS + ("imp",)
 
 
 def display_name(method: str) -> str:
@@ -14,5 +17,5 @@ def display_name(method: str) -> str:
 
 
 def method_order(method: str) -> tuple[int, str]:
-    """Sort key: the order of ``regrow.METHODS``, unknown names last, alphabetically."""
-    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
+    """Sort key: the order of ``regrow.METHODS`` then imp, unknown names last, alphabetically."""
+    return (ORDER.index(method) if method in ORDER else len(ORDER), method)

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import yaml
+
 from ..core import strict_json
 from .grid import applies, find_cell, value_label
 from .labels import display_name, method_order
@@ -39,7 +41,7 @@ def collect_runs(root: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{root} is not a directory")
     runs = []
     for path in sorted(root.rglob("summary.json")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
+        if any(part.startswith(".") for part in path.relative_to(root).parts) or _imp_round(path.parent):
             continue
         try:
             summary = json.loads(path.read_text())
@@ -50,6 +52,13 @@ def collect_runs(root: str | Path) -> list[dict]:
         summary["update_lines"] = read_updates(path.parent)
         runs.append(summary)
     return runs
+
+
+def _imp_round(folder: Path) -> bool:
+    """A round of an imp run (reported through the imp run's own summary, not as a run)."""
+    config = folder.parent / "config.yaml"
+    return folder.name.startswith("round-") and config.is_file() and \
+        (yaml.safe_load(config.read_text()) or {}).get("method") == "imp"
 
 
 def _stat(values: list[float]) -> dict:

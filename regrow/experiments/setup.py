@@ -81,6 +81,7 @@ def make_sparsity(config: TrainConfig, model: nn.Module, optimizer: torch.optim.
         drop_fraction=config.drop_fraction, drop_schedule=config.drop_schedule,
         stop_fraction=config.stop_fraction, dense_layers=config.dense_layers, seed=config.seed,
         sparse_init=None if config.sparse_init == "none" else config.sparse_init, nm=config.nm,
+        init_mask=config.init_mask,
         **config.method_options(strict=True))
 
 
@@ -119,6 +120,8 @@ def build_run(config: TrainConfig, group: ddp.Group) -> Run:
     data = load(config.dataset, config.data_dir, val_fraction=config.val_fraction,
                 augment=config.augment, seed=config.seed)
     model = build_model(config, data.in_shape, data.num_classes).to(group.device)   # cpu but for torchrun on GPUs
+    if config.init_weights is not None:   # e.g. imp's rewound survivors, before the engine reads their zeros
+        model.load_state_dict(torch.load(config.init_weights, map_location=group.device, weights_only=True))
     optimizer = make_optimizer(config, model)
     steps_per_epoch = ddp.steps_per_epoch(len(data.train), config.batch_size, group)   # ceil(n / batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))

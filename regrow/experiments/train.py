@@ -69,6 +69,9 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             or infinite: the run stops there, its last checkpoint kept as it was.
     """
     out = Path(out_dir)
+    if config is not None and config.method == "imp":
+        raise ValueError("method 'imp' runs as rounds of ordinary runs: use regrow.experiments.imp.run_imp "
+                         "(or regrow train --method imp)")
     # under torchrun (regrow.cli joined the process group): rank 0 alone writes and reports
     group = ddp.current_group()
     writes = is_main_process and group.is_main
@@ -107,6 +110,8 @@ def _train(config: TrainConfig | None, out: Path, resume: bool, *, progress: boo
     elif writes:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(config, out / CONFIG_NAME)
+    if writes and state is None and config.rewind_epoch == 0:
+        _save_rewind(run, out)
     if writes:
         write_metrics(out / METRICS_NAME, history)
     watch = RunWatch(out, tensorboard=tensorboard, resumed_step=None if state is None else int(state["step"])) \
@@ -156,6 +161,8 @@ def _train(config: TrainConfig | None, out: Path, resume: bool, *, progress: boo
         if writes:
             write_metrics(out / METRICS_NAME, history)
             watch.after_epoch(row)
+        if writes and config.rewind_epoch == epoch + 1:   # before the checkpoint: a resume redoes it
+            _save_rewind(run, out)
         checkpoint(epoch + 1, 0, sums)
         epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", test=f"{row['test_accuracy']:.4f}",
                                density=f"{row['density']:.3f}")
@@ -200,6 +207,16 @@ def _checkpoint_state(run: Run, epoch: int, batch: int, history: list[dict], sum
         "running": sums.state(), "wall_seconds": wall_seconds,
         "masks": _masks(run), "in_shape": list(run.data.in_shape), "num_classes": run.data.num_classes,
     }
+
+
+REWIND_NAME = "rewind.pt"
+
+
+def _save_rewind(run: Run, out: Path) -> None:
+    """The weights at the end of epoch ``rewind_epoch`` (0: the initial ones), for imp's rewinding."""
+    tmp = out / f".{REWIND_NAME}.tmp"
+    torch.save({k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}, tmp)
+    tmp.replace(out / REWIND_NAME)
 
 
 def _masks(run: Run) -> dict[str, torch.Tensor]:
