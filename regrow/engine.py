@@ -172,11 +172,11 @@ class DynamicSparsity:
         if init_mask == "existing":   # the model's zeros are the mask: its counts are the budgets
             budgets = existing_counts({s.name: s.param for s in found if s.name in masked})
             self.sparsity = agreed_sparsity(budgets, masked, self.sparsity)
+        elif self.nm is not None:   # every layer at exactly N/M: the distribution does not apply
+            budgets = {name: math.prod(shape) * self.nm[0] // self.nm[1] for name, shape in masked.items()}
         else:
             density = 1.0 if method == "dense" else 1.0 - self.sparsity
             budgets = allocate_counts(masked, density, distribution) if masked else {}
-            if self.nm is not None:   # every layer at exactly N/M: the distribution does not apply
-                budgets = {name: math.prod(shape) * self.nm[0] // self.nm[1] for name, shape in masked.items()}
         state = OptimizerStateMasker(optimizer)
         self.targets = [make_target(s, budgets.get(s.name, s.param.numel()), state) for s in found]
         always_sparse = [t.name for t in self.targets if not isinstance(t, MaskedTarget)]
