@@ -50,6 +50,12 @@ def train_step(model, optimizer, dst, x, y) -> None:
     dst.step()
 
 
+def train_steps(model, dst, steps) -> None:
+    """``train_step`` over the (x, y) batches ``steps`` with the engine's own optimizer."""
+    for x, y in steps:
+        train_step(model, dst.optimizer, dst, x, y)
+
+
 def build(method="rigl", model=None, opt="sgd", **kwargs):
     model = model if model is not None else mlp()
     optimizer = make_optimizer(opt, model.parameters())

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import regrow
-from helpers import batches, mlp
+from helpers import batches, mlp, train_steps
 
 
 def _dst(model, **kw):
@@ -141,18 +141,12 @@ def test_resume_order_build_engine_then_load_states():
     """README's order: build the engine, then load model, optimizer and engine states."""
     data = batches(30)
 
-    def run(model, dst, steps):
-        for x, y in steps:
-            dst.optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            dst.step()
-
     model = mlp()
     dst = _dst(model, sparsity=0.8, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2))
-    run(model, dst, data[:15])
+    train_steps(model, dst, data[:15])
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     opt_state, dst_state = copy.deepcopy(dst.optimizer.state_dict()), copy.deepcopy(dst.state_dict())
-    run(model, dst, data[15:])
+    train_steps(model, dst, data[15:])
     straight = _weights(model)
 
     model2 = mlp(seed=5)
@@ -161,7 +155,7 @@ def test_resume_order_build_engine_then_load_states():
     model2.load_state_dict(saved)
     opt2.load_state_dict(opt_state)
     dst2.load_state_dict(dst_state)
-    run(model2, dst2, data[15:])
+    train_steps(model2, dst2, data[15:])
     for name, w in straight.items():
         assert torch.equal(dict(model2.named_parameters())[name].detach(), w)
 
@@ -582,19 +576,13 @@ def test_closing_or_dropping_an_engine_takes_its_hooks_off_the_model():
 def test_an_existing_mask_run_resumes_in_the_documented_order():
     data = batches(24)
 
-    def run(model, dst, steps):
-        for x, y in steps:
-            dst.optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            dst.step()
-
     model = mlp()
     _pruned(model)
     dst = _dst(model, method="rigl", init_mask="existing")
-    run(model, dst, data[:12])
+    train_steps(model, dst, data[:12])
     saved = copy.deepcopy({"model": model.state_dict(), "optimizer": dst.optimizer.state_dict(),
                            "dst": dst.state_dict()})
-    run(model, dst, data[12:])
+    train_steps(model, dst, data[12:])
 
     fresh = mlp(seed=3)   # no zeros at all until the checkpoint is loaded
     opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
@@ -602,7 +590,7 @@ def test_an_existing_mask_run_resumes_in_the_documented_order():
     fresh.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
     dst2.load_state_dict(saved["dst"])
-    run(fresh, dst2, data[12:])
+    train_steps(fresh, dst2, data[12:])
     assert dst2.sparsity == dst.sparsity
     for name, w in _weights(model).items():
         assert torch.equal(dict(fresh.named_parameters())[name].detach(), w)
