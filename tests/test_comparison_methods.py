@@ -241,10 +241,40 @@ def test_ch3_l3_matches_a_brute_force_count_of_length_3_paths(rows, cols, densit
     assert all(abs(s - expected[k]) < 1e-12 for k, s in zip(keys.tolist(), scores.tolist()))
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 7), st.floats(0.1, 0.9), st.integers(0, 2**31 - 1))
+def test_ch3_l3_by_matmul_matches_the_brute_force_count(rows, cols, density, seed):
+    import regrow.core.link_prediction as lp
+    mask = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < density
+    saved, lp.MATMUL_SPEEDUP = lp.MATMUL_SPEEDUP, float("inf")      # always the matmul route
+    try:
+        keys, scores = lp.ch3_l3_scores(mask.view(-1).nonzero().squeeze(1), rows, cols)
+    finally:
+        lp.MATMUL_SPEEDUP = saved
+    expected = _ch3_l3_brute_force(mask)
+    assert keys.tolist() == sorted(expected)
+    assert all(abs(s - expected[k]) < 1e-12 for k, s in zip(keys.tolist(), scores.tolist()))
+
+
+@pytest.mark.parametrize("density", [0.03, 0.2])
+def test_ch3_l3_routes_agree_on_a_layer_sized_graph(monkeypatch, density):
+    import regrow.core.link_prediction as lp
+    mask = torch.rand(60, 150, generator=torch.Generator().manual_seed(3)) < density
+    active = mask.view(-1).nonzero().squeeze(1)
+    monkeypatch.setattr(lp, "MATMUL_SPEEDUP", 0)
+    by_paths = lp.ch3_l3_scores(active, 60, 150)
+    monkeypatch.setattr(lp, "MATMUL_SPEEDUP", float("inf"))
+    monkeypatch.setattr(lp, "MATMUL_CHUNK", 500)             # several link chunks
+    by_matmul = lp.ch3_l3_scores(active, 60, 150)
+    assert torch.equal(by_paths[0], by_matmul[0])
+    assert torch.allclose(by_paths[1], by_matmul[1], rtol=1e-12, atol=0)
+
+
 def test_ch3_l3_in_small_chunks_equals_one_chunk(monkeypatch):
     import regrow.core.link_prediction as lp
     mask = torch.rand(40, 30, generator=torch.Generator().manual_seed(1)) < 0.15
     active = mask.view(-1).nonzero().squeeze(1)
+    monkeypatch.setattr(lp, "MATMUL_SPEEDUP", 0)             # the path enumeration, in chunks
     whole = lp.ch3_l3_scores(active, 40, 30)
     monkeypatch.setattr(lp, "PATH_CHUNK", 50)
     monkeypatch.setattr(lp, "DENSE_TABLE", 10)     # the searchsorted co-degree tables too

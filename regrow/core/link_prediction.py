@@ -13,6 +13,13 @@ in the authors' ``CH_scores_new_v2.cpp``):
 Work and memory are O(number of length-3 paths) = O(E * d_in * d_out) for E active links of
 typical degrees d: linear in the number of neurons at a fixed degree, never rows x cols x rows;
 paths are enumerated in chunks. Only candidates with at least one path are returned.
+
+At moderate density (a few percent and up) on a layer small enough for a rows x cols table,
+the same sum is a product of two matrices over the active links e = (b, a):
+score(o, i) = sum_e [A(o, a) g(b, o)] [A(b, i) f(a, i)] with f(a, i) = (1 + de(a))^-1/2 and
+g(b, o) = (1 + de(b))^-1/2, which BLAS does far faster than enumerating the paths one by one
+(784 x 300 at 7.7% density: 25M paths). ``ch3_l3_scores`` picks that route when its flops are
+cheaper by the measured ratio ``MATMUL_SPEEDUP``; both give the same scores.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ import torch
 PATH_CHUNK = 1 << 22   # paths scored at a time (memory bound, ~10 int64 arrays of this size)
 DENSE_TABLE = 1 << 24  # co-degree tables up to this many entries are dense (a gather per lookup)
 BLOCK_ENTRIES = 1 << 23  # outputs x inputs of one block's score accumulator
+MATMUL_SPEEDUP = 2000    # float64 matmul flops per enumerated path at equal time (measured, 1 core)
+MATMUL_CHUNK = 1 << 22   # entries of one link chunk's factor matrices in the matmul route
 
 
 def _expand(ptr: torch.Tensor, deg: torch.Tensor, members: torch.Tensor, nodes: torch.Tensor):
@@ -77,6 +86,8 @@ def ch3_l3_scores(active: torch.Tensor, rows: int, cols: int) -> tuple[torch.Ten
     # with b == o or i == a ends on an active link (o, i) and is discarded with it at the end
     fan = torch.zeros(cols, dtype=torch.long).index_add_(0, in_of, deg_out[out_of])   # per input a
     per_row = torch.zeros(rows, dtype=torch.long).index_add_(0, out_of, fan[in_of])
+    if rows * cols <= DENSE_TABLE and 2 * rows * cols * active.numel() < MATMUL_SPEEDUP * int(per_row.sum()):
+        return _scores_by_matmul(active, rows, cols, deg_out, deg_in)
     found_keys, found_scores, lo = [], [], 0
     while lo < rows:
         hi = _block_end(per_row, lo, max(1, BLOCK_ENTRIES // cols))
@@ -99,6 +110,35 @@ def ch3_l3_scores(active: torch.Tensor, rows: int, cols: int) -> tuple[torch.Ten
     if not found_keys:
         return active[:0], torch.zeros(0, dtype=torch.float64)
     return torch.cat(found_keys), torch.cat(found_scores)
+
+
+def _scores_by_matmul(active, rows, cols, deg_out, deg_in):
+    """The same scores as the path enumeration, as sum over active links e = (b, a) of
+    U(o, e) V(e, i) (see the module docstring); a rows x cols accumulator."""
+    adj = torch.zeros(rows * cols, dtype=torch.float64)
+    adj[active] = 1.0
+    adj = adj.view(rows, cols)
+    # 1 + de(a) for the pair (a, i) is deg(a) - |N(a) & N(i)|; it is 0 only when a == i-like
+    # degenerate pairs end on active links, whose scores are discarded: 0 there, not inf
+    # (an inf would turn the products with zeros into NaN).
+    f = _inv_sqrt(deg_in.double().unsqueeze(1) - adj.T @ adj)          # [a, i]
+    g = _inv_sqrt(deg_out.double().unsqueeze(1) - adj @ adj.T)         # [b, o]
+    b_of, a_of = active // cols, active % cols
+    score = torch.zeros(rows, cols, dtype=torch.float64)
+    step = max(1, MATMUL_CHUNK // max(rows, cols))
+    for lo in range(0, active.numel(), step):
+        b, a = b_of[lo:lo + step], a_of[lo:lo + step]
+        u = adj[:, a] * g[b].T                                             # [o, e]
+        v = adj[b] * f[a]                                                  # [e, i]
+        score.addmm_(u, v)
+    score = score.view(-1)
+    score[active] = 0                                 # links already active are not candidates
+    keys = score.nonzero().squeeze(1)
+    return keys, score[keys]
+
+
+def _inv_sqrt(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x.clamp(min=1).rsqrt(), torch.zeros((), dtype=x.dtype))
 
 
 def _block_end(per_row: torch.Tensor, lo: int, max_rows: int) -> int:
