@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import hugepages
 from ..core.distributed import all_reduce_mean
 from ..nn import _sparse_kernels
 from ..nn.sparse_linear import sampled_grad
@@ -51,7 +52,10 @@ class _Plan:
 
     def apply(self, old: torch.Tensor, new_values: torch.Tensor | None = None) -> torch.Tensor:
         """``old`` re-indexed; grown positions get ``new_values`` (zero when None)."""
-        out = (torch.zeros if new_values is None else torch.empty)(self.size, dtype=old.dtype, device=old.device)
+        out = torch.empty(self.size, dtype=old.dtype, device=old.device)
+        hugepages.advise(out)   # the re-indexed values and indices of a wide layer: 2 MiB pages
+        if new_values is None:
+            out.zero_()
         out[self.kept_dst] = old[self.src]
         if new_values is not None:
             out[self.new_dst] = new_values.to(old.dtype)

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import hugepages
 from . import _cbuild
 
 _SOURCE = r"""
@@ -334,7 +335,7 @@ class SparseKernels:
         ``n_panels * n_rows + 1`` entries (panel-major entries, see :meth:`bucket_order`)."""
         n_rows, batch = (ptr.numel() - 1) // n_panels, src.shape[1]
         if out is None:
-            out = torch.empty(n_rows, batch, dtype=torch.float32)
+            out = hugepages.empty(n_rows, batch)
         if n_rows and batch:
             self._spmm(n_rows, n_panels, batch, ptr.data_ptr(), idx.data_ptr(), w.data_ptr(),
                        None if wperm is None else wperm.data_ptr(), src.data_ptr(),
@@ -344,7 +345,7 @@ class SparseKernels:
 
     def sddmm(self, r: torch.Tensor, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``out[j] = a[r[j]] . b[c[j]]`` for int32 ``r``, ``c`` and [*, B] ``a``, ``b``."""
-        out = torch.empty(r.numel(), dtype=torch.float32)
+        out = hugepages.empty(r.numel())
         if r.numel():
             self._sddmm(r.numel(), a.shape[1], r.data_ptr(), c.data_ptr(), a.data_ptr(),
                         b.data_ptr(), out.data_ptr(), torch.get_num_threads())
@@ -358,8 +359,8 @@ class SparseKernels:
         ``(grad_x^T [cols, B], grad_w [N] in CSR order)`` from ``g_t = grad_y^T [rows, B]``
         and ``x_t = x^T``."""
         n_cols, batch = (ccol.numel() - 1) // n_panels, g_t.shape[1]
-        gx = torch.empty(n_cols, batch, dtype=torch.float32)
-        dw = torch.empty(w.numel(), dtype=torch.float32)
+        gx = hugepages.empty(n_cols, batch)
+        dw = hugepages.empty(w.numel())
         if not (n_cols and batch):
             return gx.zero_(), dw.zero_()
         # panelled (wide) layers: w and dw in the structure's own order, so the random reads
@@ -375,7 +376,7 @@ class SparseKernels:
         """int64 [len(keys)]: the storage position of each flat key ``row * cols + col`` in the
         CSR structure (``crow`` int64, ``col`` int32 sorted within rows), or -1 if absent."""
         keys = keys.contiguous()
-        out = torch.empty(keys.numel(), dtype=torch.long)
+        out = hugepages.empty(keys.numel(), dtype=torch.long)
         if keys.numel():
             self._locate(keys.numel(), keys.data_ptr(), cols, crow.numel() - 1, crow.data_ptr(),
                          col.data_ptr(), out.data_ptr(), torch.get_num_threads())
@@ -388,7 +389,7 @@ class SparseKernels:
         [n_panels * nb + 1], order int32 [N])``, ``order`` giving each sorted entry's position."""
         n_buckets = n_panels * nb
         ptr = torch.empty(n_buckets + 1, dtype=torch.int64)
-        order = torch.empty(a.numel(), dtype=torch.int32)
+        order = hugepages.empty(a.numel(), dtype=torch.int32)
         if self._bucket_order(a.numel(), a.data_ptr(), b.data_ptr(), panel, nb, n_buckets,
                               ptr.data_ptr(), order.data_ptr()) != 0:
             raise MemoryError(f"bucket_order: no memory for {n_buckets} bucket counters")
@@ -400,7 +401,7 @@ class SparseKernels:
         if src.element_size() != 4 or perm.dtype != torch.int32 or src.numel() != perm.numel():
             raise ValueError("permute needs a 4-byte src and an int32 perm of the same length")
         src = src.contiguous()
-        out = torch.empty_like(src)
+        out = hugepages.empty_like(src)
         (self._scatter if inverse else self._gather)(src.numel(), perm.data_ptr(), src.data_ptr(), out.data_ptr())
         return out
 

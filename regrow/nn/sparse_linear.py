@@ -24,6 +24,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..core import hugepages
 from . import _sparse_kernels
 from ._indexed import IndexedWeights
 
@@ -216,17 +217,27 @@ def sampled_grad(topo_rows: int, r: torch.Tensor, c: torch.Tensor, h_t: torch.Te
     return out
 
 
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if contiguous, else a contiguous copy (on huge pages when large)."""
+    if t.is_contiguous():
+        return t
+    if t.device.type != "cpu":
+        return t.contiguous()
+    return hugepages.empty_like(t).copy_(t)
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     """y = x W^T + b with W given by (values, topology); gradients for x, values and bias."""
 
     @staticmethod
     def forward(ctx, x2d, values, bias, topo: _Topology, capture: _Capture | None):
-        x_t = x2d.t().contiguous()   # free when x is itself a feature-major view
+        x_t = _contiguous(x2d.t())   # free when x is itself a feature-major view
         kernels = _use_kernel(x_t, values) if bias is None else _use_kernel(x_t, values, bias)
         batch = x_t.shape[1]
         # y [B, out] laid out feature-major (strides (1, B)): not a view, so in-place ops
         # after the layer (ReLU(inplace=True)) are allowed, and the next layer reads y^T free
         y = torch.empty_strided((batch, topo.rows), (1, batch), dtype=x_t.dtype, device=x_t.device)
+        hugepages.advise(y)   # wide layers: 2 MiB pages for the randomly gathered rows
         if kernels is not None:
             ptr, col, perm, n_panels = topo.csr_for(kernels, batch)
             kernels.spmm_rows(ptr, col, values.contiguous(), perm, x_t,
@@ -252,7 +263,7 @@ class _SparseLinearFunction(torch.autograd.Function):
     def _backward(ctx, grad_y):
         x_t, values = ctx.saved_tensors
         topo: _Topology = ctx.topo
-        g_t = grad_y.t().contiguous()
+        g_t = _contiguous(grad_y.t())
         if ctx.capture is not None:
             ctx.capture.delta[ctx.call] = g_t
         kernels = _use_kernel(g_t, x_t, values)
