@@ -25,7 +25,9 @@ process's baseline after imports.
     python benchmarks/always_sparse_scaling.py           # full run (about 10 min) -> results/always_sparse_scaling.json
     python benchmarks/always_sparse_scaling.py --quick   # widths 1k-8k -> results/always_sparse_scaling_quick.json
     python benchmarks/always_sparse_scaling.py --threads 2   # -> results/always_sparse_scaling_2threads.json
-    THP_MEM_ALLOC_ENABLE=0 python benchmarks/always_sparse_scaling.py   # without huge pages -> ..._nothp.json
+    THP_MEM_ALLOC_ENABLE=0 python benchmarks/always_sparse_scaling.py   # torch without huge pages -> ..._nothp.json
+    THP_MEM_ALLOC_ENABLE=0 python benchmarks/always_sparse_scaling.py --variants sparse_gse \
+        --min-width 4000 --max-width 64000 --batch 32    # regrow's own madvise only -> ..._nothp_batch32_sparse_gse.json
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ UPDATE_EVERY = 100   # for the amortised step time
 
 
 # -- one (variant, width), in a worker process ---------------------------------------------------
-def worker(variant: str, width: int, seconds: float, threads: int) -> dict:
+def worker(variant: str, width: int, seconds: float, threads: int, batch: int = BATCH) -> dict:
     import torch
     from torch import nn
 
@@ -62,8 +64,8 @@ def worker(variant: str, width: int, seconds: float, threads: int) -> dict:
     torch.set_num_threads(threads)
     _sparse_kernels.load()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, IN, generator=gen)
-    y = torch.randint(CLASSES, (BATCH,), generator=gen)
+    x = torch.randn(batch, IN, generator=gen)
+    y = torch.randint(CLASSES, (batch,), generator=gen)
     base = proc_status_bytes("VmRSS")
     try:   # reset VmHWM so the peak is this configuration's own
         with open("/proc/self/clear_refs", "w") as f:
@@ -144,16 +146,22 @@ def main() -> None:
     ap.add_argument("--max-step-s", type=float, default=20.0, help="stop a variant after a width whose step took longer")
     ap.add_argument("--max-width", type=int, default=256_000)
     ap.add_argument("--seconds", type=float, default=None, help="time for the ordinary steps of one configuration")
+    ap.add_argument("--min-width", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     if args.worker is not None:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), seconds, args.threads)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), seconds, args.threads, args.batch)))
         return
 
     import torch
     max_width = 8000 if args.quick else args.max_width
-    widths = [1000 * 2 ** k for k in range(20) if 1000 * 2 ** k <= max_width]
+    widths = [1000 * 2 ** k for k in range(20) if args.min_width <= 1000 * 2 ** k <= max_width]
+    variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(variants) - set(VARIANTS):
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     cap = args.mem_cap_gib * 2**30
     # torch's CPU allocator asks for transparent huge pages on large tensors: the kernels' random
     # gathers then miss the TLB far less (5-20% faster at 256k); every variant gets the same
@@ -161,7 +169,9 @@ def main() -> None:
     info = {"cpu": platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
             "loadavg_start": os.getloadavg(), "mem_cap_gib": args.mem_cap_gib, "max_step_s": args.max_step_s,
-            "batch": BATCH, "fan_in": FAN_IN, "THP_MEM_ALLOC_ENABLE": thp}
+            "batch": args.batch, "fan_in": FAN_IN, "THP_MEM_ALLOC_ENABLE": thp,
+            # regrow's own madvise on its kernel buffers (regrow.core.hugepages), on unless set to 0
+            "REGROW_HUGE_PAGES": os.environ.get("REGROW_HUGE_PAGES", "1")}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -171,7 +181,7 @@ def main() -> None:
     stopped: dict[str, str] = {}
     started = time.perf_counter()
     for width in widths:
-        for variant in VARIANTS:
+        for variant in variants:
             if variant in stopped:
                 continue
             done = [r for r in rows if r["variant"] == variant]
@@ -182,7 +192,7 @@ def main() -> None:
                     stopped[variant] = f"width {width}: predicted peak RSS {predicted / 2**30:.1f} GiB > cap"
                     continue
             cmd = [sys.executable, __file__, "--worker", variant, str(width), "--seconds", str(seconds),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--batch", str(args.batch)]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                        THP_MEM_ALLOC_ENABLE=thp)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -200,7 +210,7 @@ def main() -> None:
     info["wall_s"] = time.perf_counter() - started
 
     summary = {}
-    for variant in VARIANTS:
+    for variant in variants:
         done = [r for r in rows if r["variant"] == variant]
         upper = [r for r in done if r["width"] >= 32000]
         summary[variant] = {
@@ -213,12 +223,12 @@ def main() -> None:
             "stopped": stopped.get(variant, "largest width reached"),
         }
 
-    print(f"\n784-W-W-10 MLP, fan-in {FAN_IN}, batch {BATCH}, {args.threads} thread(s); {info['cpu']}, "
+    print(f"\n784-W-W-10 MLP, fan-in {FAN_IN}, batch {args.batch}, {args.threads} thread(s); {info['cpu']}, "
           f"torch {info['torch']}, {info['date']}")
-    print(f"{'width':>8} " + " ".join(f"{v + ' step s':>18} {'amort.':>7} {'peak GiB':>8}" for v in VARIANTS))
+    print(f"{'width':>8} " + " ".join(f"{v + ' step s':>18} {'amort.':>7} {'peak GiB':>8}" for v in variants))
     for width in widths:
         cells = []
-        for v in VARIANTS:
+        for v in variants:
             r = next((r for r in rows if r["variant"] == v and r["width"] == width), None)
             cells.append(f"{r['step_s']:>18.3f} {amortised(r):>7.3f} {r['peak_rss'] / 2**30:>8.2f}" if r
                          else f"{'-':>18} {'-':>7} {'-':>8}")
@@ -230,7 +240,9 @@ def main() -> None:
               f"(W>=32k {fmt(s['slope_extra_rss_w_ge_32k'])}); stopped: {s['stopped']}")
     RESULTS.mkdir(exist_ok=True)
     stem = "always_sparse_scaling" + ("_quick" if args.quick else "") + (f"_{args.threads}threads" if args.threads != 1 else "") \
-        + ("_nothp" if thp == "0" else "")
+        + ("_nothp" if thp == "0" else "") + (f"_batch{args.batch}" if args.batch != BATCH else "") \
+        + ("" if variants == list(VARIANTS) else "_" + "_".join(variants)) \
+        + ("_nomadvise" if os.environ.get("REGROW_HUGE_PAGES") == "0" else "")
     path = RESULTS / f"{stem}.json"
     path.write_text(json.dumps({"benchmark": "always_sparse_scaling", "machine": info, "rows": rows,
                                 "summary": summary}, indent=1))

@@ -2,7 +2,8 @@
 
 784 -> W -> 10 MLP of SparseLinear layers (W = 1,000,000 by default): every hidden neuron has
 ``--fan-in`` pixel inputs, every output neuron ``--out-fan-in`` hidden inputs; GSE (uniform
-sampling) rewires both layers every ``--update-interval`` steps. A dense first layer alone
+sampling; or ``--method rigl``, ``dstee``, ``srigl``: growth by the full gradient, scanned in
+blocks of rows) rewires both layers every ``--update-interval`` steps. A dense first layer alone
 would hold 784M weights (3.1 GB, 9.4 GB with gradient and momentum) and a dense W x W layer
 4 TB; here nothing of size out x in exists.
 
@@ -13,6 +14,7 @@ ordinary step and of an update step, samples seen and test accuracy.
 
     python benchmarks/widest_mlp.py --minutes 60    # the demo (about an hour) -> results/widest_mlp_2threads.json
     python benchmarks/widest_mlp.py --quick         # 1M wide, ~3 minutes, 2k test images -> widest_mlp_quick_2threads.json
+    python benchmarks/widest_mlp.py --method rigl --minutes 25 --threads 1   # -> widest_mlp_rigl_1thread.json
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ def main() -> None:
                     help="learning rate of the output layer (default 500 / out-fan-in: its logits sum "
                          "out-fan-in terms, so a fixed rate diverges as the layer widens)")
     ap.add_argument("--update-interval", type=int, default=100)
+    ap.add_argument("--method", default="gse", choices=["gse", "rigl", "dstee", "srigl", "set", "static"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=os.environ.get("REGROW_DATA", "/work/shared/data/fashion-mnist"))
@@ -126,7 +129,7 @@ def main() -> None:
     step_s = statistics.median(c[0] for c in calib[1:])
     budget_s = args.minutes * 60 - (time.perf_counter() - started)
     total_steps = max(args.update_interval + 1, int(budget_s / (step_s * 1.15)))
-    dst = regrow.DynamicSparsity(model, opt, method="gse", sparsity=0.9, total_steps=total_steps,
+    dst = regrow.DynamicSparsity(model, opt, method=args.method, sparsity=0.9, total_steps=total_steps,
                                  update_interval=args.update_interval)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     print(f"width {args.width}: {dst.stats()['nnz']:,} weights; calibration step {step_s:.2f} s; "
@@ -149,7 +152,7 @@ def main() -> None:
     acc = accuracy(model, x_test, y_test, 1000)
     stats = dst.stats()
     result = {
-        "benchmark": "widest_mlp", "quick": args.quick,
+        "benchmark": "widest_mlp", "method": args.method, "quick": args.quick,
         "machine": {"cpu": platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "threads": args.threads, "kernel": kernels is not None, "loadavg": os.getloadavg(),
                     "THP_MEM_ALLOC_ENABLE": os.environ["THP_MEM_ALLOC_ENABLE"],
@@ -158,6 +161,10 @@ def main() -> None:
         "layers": {n: {"shape": [m.out_features, m.in_features], "nnz": m.nnz, "density": m.density}
                    for n, m in model.named_modules() if isinstance(m, SparseLinear)},
         "dense_weights_would_be": sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, SparseLinear)),
+        # the masked backend's floor for the same model: dense weight, gradient and momentum
+        # (float32) and the mask (bool) of every layer, before any growth score
+        "masked_bytes_at_least": 13 * sum(m.out_features * m.in_features for m in model.modules()
+                                          if isinstance(m, SparseLinear)),
         "build_s": build_s,
         "steps": len(calib) + step, "planned_steps": total_steps, "samples": (len(calib) + step) * args.batch,
         "epochs": (len(calib) + step) * args.batch / len(x_train),
@@ -174,7 +181,8 @@ def main() -> None:
         pass
     RESULTS.mkdir(exist_ok=True)
     threads = f"{args.threads}thread" + ("s" if args.threads != 1 else "")
-    path = RESULTS / f"widest_mlp{'_quick' if args.quick else ''}_{threads}.json"   # one file per thread count
+    method = "" if args.method == "gse" else f"_{args.method}"
+    path = RESULTS / f"widest_mlp{method}{'_quick' if args.quick else ''}_{threads}.json"   # one file per method and thread count
     path.write_text(json.dumps(result, indent=1))
     print(f"\n{args.width:,}-wide hidden layer, {stats['nnz']:,} active weights "
           f"(dense: {result['dense_weights_would_be']:,}); {result['steps']} steps, "
