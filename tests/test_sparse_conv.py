@@ -63,7 +63,7 @@ def test_gradcheck_float64():
     def run(x, values, bias):
         return regrow.nn.sparse_conv._SparseConv2dFunction.apply(
             x, values, bias, layer.topology(), layer.stride, layer.padding, layer.dilation,
-            layer.output_size(5, 6))
+            layer.output_size(5, 6), None)
 
     values = layer.values.detach().clone().requires_grad_()
     bias = layer.bias.detach().clone().requires_grad_()
@@ -195,10 +195,3 @@ def test_export_gives_masked_conv2d_with_the_same_outputs(format):
     torch.testing.assert_close(convs[0].weight, model[0].to_dense())
     x = torch.randn(2, 3, 7, 7)
     torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
-
-
-def test_dynamic_sparsity_refuses_it_clearly():
-    with pytest.raises(NotImplementedError, match="0.values: SparseConv2d does not run under DynamicSparsity"):
-        model = _small_cnn()
-        regrow.DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), method="set",
-                               sparsity=0.5, total_steps=1000)

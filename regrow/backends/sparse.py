@@ -1,4 +1,11 @@
-"""Sparse backend: topology updates of a ``SparseLinear`` without any out x in tensor.
+"""Sparse backend: topology updates of a ``SparseLinear`` or ``SparseConv2d`` without any
+out x in (x kh x kw) tensor.
+
+Both layers store values + int32 (row, col) sorted by (row, col) (``regrow.nn._indexed``), so
+everything but the gradients is shared (:class:`IndexedTarget`); a conv's rows are its output
+channels and its columns ``in * kh * kw`` taps. The two targets differ only in how dL/dw is
+computed from what the layer captured: ``delta^T h`` for a linear layer, a weight-gradient
+convolution (sampled per tap, or per block of output channels) for a convolution.
 
 Every operation is O(N) or O(m log N) for N active and m queried connections:
 
@@ -28,6 +35,7 @@ import torch
 from ..core import hugepages
 from ..core.distributed import all_reduce_mean
 from ..nn import _sparse_kernels
+from ..nn.sparse_conv import captured_grad_rows, captured_tap_grads
 from ..nn.sparse_linear import sampled_grad
 from ..core.optim_state import OptimizerStateMasker
 from ..core.sorted_keys import contains, merge_positions, union_sorted
@@ -62,8 +70,11 @@ class _Plan:
         return out
 
 
-class SparseLinearTarget(SparseTarget):
-    """The engine's view of one :class:`regrow.nn.SparseLinear`.
+class IndexedTarget(SparseTarget):
+    """The engine's view of one always-sparse layer (``regrow.nn._indexed.IndexedWeights``:
+    values + sorted int32 row/col, a ``topology()`` with CSR ``crow`` and ``col``, and
+    ``arm_capture`` / ``disarm_capture`` / ``captured``). Subclasses say how the gradient of
+    asked connections (``grad_at``) and of a block of rows (``grad_rows``) are computed.
 
     The layer chose its initial topology and N itself (``preinitialised``), so the density
     the engine allocated is ignored: ``budget`` is the layer's N.
@@ -75,11 +86,10 @@ class SparseLinearTarget(SparseTarget):
     def __init__(self, name: str, layer, optimizer_state: OptimizerStateMasker):
         self.name = name
         self.layer = layer
-        self.rows, self.cols = layer.out_features, layer.in_features
+        self.rows, self.cols = layer.rows, layer.cols
         self.budget = layer.nnz
         self._optimizer_state = optimizer_state
         self._keys: torch.Tensor | None = None
-        self._grad_block: torch.Tensor | None = None   # grad_rows' reused output buffer
         self._ever = layer.active_keys()
 
     # -- reading -------------------------------------------------------------------------
@@ -141,40 +151,17 @@ class SparseLinearTarget(SparseTarget):
         mask[self.active_indices()] = False
         return mask.nonzero().squeeze(1)
 
-    def grad_at(self, flat: torch.Tensor) -> torch.Tensor:
-        h_t, delta_t = self._captured_pair()
-        flat = flat.to(torch.long)
-        r = torch.div(flat, self.cols, rounding_mode="floor").to(torch.int32)
-        c = (flat % self.cols).to(torch.int32)
-        # h and delta are this rank's shard of the batch: under DDP average over ranks, as DDP
-        # does for p.grad, so that every rank scores (and grows) the same connections
-        return all_reduce_mean(sampled_grad(self.rows, r, c, h_t, delta_t))
-
-    def grad_rows(self, start: int, stop: int) -> torch.Tensor:
-        # one block of dL/dW = delta^T h: [stop - start, B] x [B, cols], never all rows at once;
-        # written into one buffer reused by the blocks of a scan (fresh blocks fragment the heap)
-        h_t, delta_t = self._captured_pair()
-        n = (stop - start) * self.cols
-        if self._grad_block is None or self._grad_block.numel() < n or self._grad_block.dtype != h_t.dtype:
-            self._grad_block = torch.empty(n, dtype=h_t.dtype, device=h_t.device)
-        out = self._grad_block[:n].view(stop - start, self.cols)
-        return all_reduce_mean(torch.mm(delta_t[start:stop], h_t.t(), out=out))
-
-    def _captured_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pair = self.layer.captured()
-        if pair is None:
+    def _captured(self):
+        captured = self.layer.captured()
+        if captured is None:
             raise RuntimeError(f"no inputs/output gradients were captured for '{self.name}' at this step; "
                                "the engine arms the capture before an update step's forward")
-        return pair
+        return captured
 
     def grad_available(self) -> bool:
         # the layer took no part in this step's forward/backward (an unused branch): the engine
         # skips its update, as the masked backend does for a parameter without a gradient
         return self.layer.captured() is not None
-
-    def activations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        pair = self.layer.captured()
-        return None if pair is None else (pair[0].t(), pair[1].t())
 
     def row_counts(self) -> torch.Tensor:
         return torch.bincount(self.layer.row_indices.long(), minlength=self.rows)
@@ -192,7 +179,6 @@ class SparseLinearTarget(SparseTarget):
     def release(self) -> None:
         self.layer.disarm_capture()
         self._keys = None
-        self._grad_block = None
 
     def grad_is_finite(self) -> bool:
         g = self.layer.values.grad
@@ -266,3 +252,63 @@ class SparseLinearTarget(SparseTarget):
         # the saved set already holds every connection active at save time; the layer's
         # current topology may still be a fresh random one if the model is loaded afterwards
         self._ever = torch.unique(ever)
+
+
+class SparseLinearTarget(IndexedTarget):
+    """The engine's view of one :class:`regrow.nn.SparseLinear`: dL/dW = delta^T h from the
+    update step's captured inputs h and output gradients delta."""
+
+    def __init__(self, name: str, layer, optimizer_state: OptimizerStateMasker):
+        super().__init__(name, layer, optimizer_state)
+        self._grad_block: torch.Tensor | None = None   # grad_rows' reused output buffer
+
+    def grad_at(self, flat: torch.Tensor) -> torch.Tensor:
+        h_t, delta_t = self._captured()
+        flat = flat.to(torch.long)
+        r = torch.div(flat, self.cols, rounding_mode="floor").to(torch.int32)
+        c = (flat % self.cols).to(torch.int32)
+        # h and delta are this rank's shard of the batch: under DDP average over ranks, as DDP
+        # does for p.grad, so that every rank scores (and grows) the same connections
+        return all_reduce_mean(sampled_grad(self.rows, r, c, h_t, delta_t))
+
+    def grad_rows(self, start: int, stop: int) -> torch.Tensor:
+        # one block of dL/dW = delta^T h: [stop - start, B] x [B, cols], never all rows at once;
+        # written into one buffer reused by the blocks of a scan (fresh blocks fragment the heap)
+        h_t, delta_t = self._captured()
+        n = (stop - start) * self.cols
+        if self._grad_block is None or self._grad_block.numel() < n or self._grad_block.dtype != h_t.dtype:
+            self._grad_block = torch.empty(n, dtype=h_t.dtype, device=h_t.device)
+        out = self._grad_block[:n].view(stop - start, self.cols)
+        return all_reduce_mean(torch.mm(delta_t[start:stop], h_t.t(), out=out))
+
+    def activations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        pair = self.layer.captured()
+        return None if pair is None else (pair[0].t(), pair[1].t())
+
+    def release(self) -> None:
+        super().release()
+        self._grad_block = None
+
+
+class SparseConv2dTarget(IndexedTarget):
+    """The engine's view of one :class:`regrow.nn.SparseConv2d`: rows are output channels,
+    columns the ``in * kh * kw`` taps (the masked backend's view of an nn.Conv2d kernel).
+
+    dL/dw of asked taps is sampled per kernel offset from the captured inputs and output
+    gradients (``captured_tap_grads``); a block of output channels' dense gradient is a
+    weight-gradient convolution of those channels only (``captured_grad_rows``). Like the
+    masked backend for nn.Conv2d, it offers no ``activations()`` (a conv's factorised gradient
+    would be its whole im2col): GSE's grabo/graest then draw from the row and column sums of
+    |dL/dW|, read block by block (``regrow.core.sampling``).
+    """
+
+    def grad_at(self, flat: torch.Tensor) -> torch.Tensor:
+        self._captured()   # a clear error when nothing was captured
+        flat = flat.to(torch.long)
+        row = torch.div(flat, self.cols, rounding_mode="floor")
+        # this rank's shard of the batch: averaged over ranks as DDP averages p.grad
+        return all_reduce_mean(captured_tap_grads(self.layer, row, flat - row * self.cols).view(flat.shape))
+
+    def grad_rows(self, start: int, stop: int) -> torch.Tensor:
+        self._captured()
+        return all_reduce_mean(captured_grad_rows(self.layer, start, stop))

@@ -13,6 +13,7 @@ import torch
 
 from .target import SparseTarget
 from .distributed import all_reduce_sum, global_rows
+from .row_blocks import rows_per_block
 from .selection import largest_k
 from .sorted_keys import merge_sorted, sorted_uniform_draws, union_sorted
 
@@ -113,10 +114,9 @@ def _marginals(target: SparseTarget, kind: str, gen: torch.Generator) -> tuple[t
     """(row weights over output neurons, column weights over inputs) for GraBo / GraEst."""
     pair = target.activations()
     if pair is None:
-        # no captured activations (conv / attention in the masked backend): use the dense
+        # no captured activations (convolutions, attention in the masked backend): use the
         # gradient's row and column sums of |grad| as the factorised distribution
-        g = target.dense_grad().abs()
-        return g.sum(1), g.sum(0)
+        return _abs_grad_sums(target)
     h, delta = pair
     # h and delta are this rank's share of the batch (DDP all-reduces p.grad, not these), so
     # the marginals are summed over ranks before use: every rank then samples the same subset
@@ -131,6 +131,19 @@ def _marginals(target: SparseTarget, kind: str, gen: torch.Generator) -> tuple[t
     signs = signs.to(h.device, h.dtype) * 2 - 1
     a, d = all_reduce_sum(signs @ delta, signs @ h)
     return a.abs(), d.abs()
+
+
+def _abs_grad_sums(target: SparseTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of |dL/dW|, read in blocks of rows (``target.grad_rows``), so that a
+    backend without a dense gradient (SparseConv2d) gives them too; a layer that fits one block
+    sums exactly as the whole gradient would."""
+    step = rows_per_block(target.cols)
+    row_sums, col_sums = [], None
+    for start in range(0, target.rows, step):
+        g = target.grad_rows(start, min(target.rows, start + step)).abs()
+        row_sums.append(g.sum(1))
+        col_sums = g.sum(0) if col_sums is None else col_sums.add_(g.sum(0))
+    return torch.cat(row_sums), col_sums
 
 
 def sample_subset(kind: str, target: SparseTarget, m: int, gen: torch.Generator) -> torch.Tensor:

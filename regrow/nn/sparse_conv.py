@@ -83,25 +83,52 @@ class _ConvTopology:
         kh, kw = kernel_size
         row_l, col_l = row.long(), col.long()
         offset, in_ch = col_l % (kh * kw), col_l // (kh * kw)
+        # the taps' CSR row pointer over [out, in * kh * kw] (the sparse backend locates taps by it)
+        counts = torch.bincount(row_l, minlength=out_channels)
+        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.offsets: list[_Offset] = []
         for k in torch.unique(offset).tolist():
             pos = (offset == k).nonzero().squeeze(1)   # keeps the (row, col) order
             self.offsets.append(_Offset(k // kw, k % kw, pos, row_l[pos], in_ch[pos], out_channels))
 
 
-def _offset_slice(x_t: torch.Tensor, off: _Offset, geometry) -> torch.Tensor:
-    """The view of padded channel-major input ``x_t`` [C, B, Hp, Wp] that offset ``off``'s taps
-    read, over every output position: [C, B, Ho, Wo] (all channels; a view, no copy)."""
+def _offset_slice(x_t: torch.Tensor, i: int, j: int, geometry) -> torch.Tensor:
+    """The view of padded channel-major input ``x_t`` [C, B, Hp, Wp] that the taps at kernel
+    offset (i, j) read, over every output position: [C, B, Ho, Wo] (all channels; a view, no copy)."""
     (sh, sw), (dh, dw), (ho, wo) = geometry
-    r0, c0 = off.i * dh, off.j * dw
+    r0, c0 = i * dh, j * dw
     return x_t[:, :, r0:r0 + sh * (ho - 1) + 1:sh, c0:c0 + sw * (wo - 1) + 1:sw]
+
+
+def _offset_columns(x_t: torch.Tensor, i: int, j: int, channels: torch.Tensor, geometry) -> torch.Tensor:
+    """The input ``channels`` at kernel offset (i, j) over every output position, as a matrix
+    [channels, B * Ho * Wo]: one offset's implicit im2col, for the needed channels only."""
+    return _offset_slice(x_t, i, j, geometry)[channels].reshape(channels.numel(), -1)
+
+
+class _Capture:
+    """The inputs and output gradients of every call in one armed step, kept as the layer
+    computes with them: padded channel-major inputs [C, B, Hp, Wp] (the tensor the forward saves
+    for its backward anyway, so keeping it costs nothing) and output gradients [out, B * Ho * Wo]."""
+
+    def __init__(self):
+        self.x: list[torch.Tensor] = []
+        self.dy: dict[int, torch.Tensor] = {}
+        self.out_sizes: list[tuple[int, int]] = []
+
+    def calls(self) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] | None:
+        """``(x_t, dy_t, (Ho, Wo))`` per call, or None if a call has no output gradient yet."""
+        if not self.x or len(self.dy) != len(self.x):
+            return None
+        return [(self.x[i], self.dy[i], self.out_sizes[i]) for i in range(len(self.x))]
 
 
 class _SparseConv2dFunction(torch.autograd.Function):
     """y = conv2d(x, W) + b with W given by (values, topology); gradients for x, values, bias."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, topo: _ConvTopology, stride, padding, dilation, out_size):
+    def forward(ctx, x, values, bias, topo: _ConvTopology, stride, padding, dilation, out_size,
+                capture: _Capture | None):
         (ph, pw) = padding
         batch, _, h, w = x.shape
         # channel-major, padded once: [C, B, Hp, Wp] (a copy of the input's size)
@@ -111,7 +138,7 @@ class _SparseConv2dFunction(torch.autograd.Function):
         ho, wo = out_size
         y_t = torch.zeros(topo.out_channels, batch * ho * wo, dtype=x.dtype, device=x.device)
         for off in topo.offsets:
-            cols = _offset_slice(x_t, off, geometry)[off.channels].reshape(off.channels.numel(), -1)
+            cols = _offset_columns(x_t, off.i, off.j, off.channels, geometry)
             y_t.add_(torch.sparse.mm(off.weight(values), cols))
         if bias is not None:
             y_t.add_(bias[:, None])
@@ -124,6 +151,11 @@ class _SparseConv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(x_t, values)
         ctx.topo, ctx.geometry, ctx.padding = topo, geometry, padding
         ctx.in_size, ctx.has_bias = (h, w), bias is not None
+        ctx.capture = capture
+        if capture is not None:
+            ctx.call = len(capture.x)
+            capture.x.append(x_t)
+            capture.out_sizes.append(out_size)
         return y
 
     @staticmethod
@@ -137,6 +169,8 @@ class _SparseConv2dFunction(torch.autograd.Function):
         x_t, values = ctx.saved_tensors
         topo: _ConvTopology = ctx.topo
         g_t = grad_y.permute(1, 0, 2, 3).reshape(grad_y.shape[1], -1)   # [out, B * Ho * Wo]
+        if ctx.capture is not None:
+            ctx.capture.dy[ctx.call] = g_t
         grad_x = grad_v = grad_b = None
         want_x, want_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gx_t = torch.zeros_like(x_t) if want_x else None
@@ -145,18 +179,18 @@ class _SparseConv2dFunction(torch.autograd.Function):
         batch, ho, wo = grad_y.shape[0], grad_y.shape[2], grad_y.shape[3]
         for off in topo.offsets:
             if want_v:
-                cols = _offset_slice(x_t, off, ctx.geometry)[off.channels].reshape(off.channels.numel(), -1)
+                cols = _offset_columns(x_t, off.i, off.j, off.channels, ctx.geometry)
                 grad_v[off.pos] = sampled_grad(off.rows, off.out_ch, off.local, cols, g_t, crow=off.crow)
             if want_x:
                 contrib = torch.sparse.mm(off.weight_t(values), g_t)   # [needed channels, B*Ho*Wo]
-                _offset_slice(gx_t, off, ctx.geometry).index_add_(
+                _offset_slice(gx_t, off.i, off.j, ctx.geometry).index_add_(
                     0, off.channels, contrib.view(-1, batch, ho, wo))
         if want_x:
             (ph, pw), (h, w) = ctx.padding, ctx.in_size
             grad_x = gx_t[:, :, ph:ph + h, pw:pw + w].permute(1, 0, 2, 3)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g_t.sum(1)
-        return grad_x, grad_v, grad_b, None, None, None, None, None
+        return grad_x, grad_v, grad_b, None, None, None, None, None, None
 
 
 class SparseConv2d(IndexedWeights, nn.Module):
@@ -219,6 +253,8 @@ class SparseConv2d(IndexedWeights, nn.Module):
         self.register_buffer("row_indices", row.to(device=device, dtype=torch.int32))
         self.register_buffer("col_indices", col.to(device=device, dtype=torch.int32))
         self._topo: _ConvTopology | None = None
+        self._capture: _Capture | None = None
+        self._armed = False
         self.reset_parameters(gen)
 
     # -- construction --------------------------------------------------------------------
@@ -301,21 +337,91 @@ class SparseConv2d(IndexedWeights, nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d expects [B, {self.in_channels}, H, W] inputs, got shape {tuple(x.shape)}")
         out_size = self.output_size(x.shape[2], x.shape[3])
-        args = (self.topology(), self.stride, self.padding, self.dilation, out_size)
+        capture = self._capture if (self._armed and torch.is_grad_enabled() and self.values.requires_grad) else None
+        args = (self.topology(), self.stride, self.padding, self.dilation, out_size, capture)
         if _autocast_enabled(x.device.type):
             # run the sparse products in the values' dtype (MKL has no bf16 CSR matmul)
             with torch.autocast(x.device.type, enabled=False):
                 return _SparseConv2dFunction.apply(x.to(self.values.dtype), self.values, self.bias, *args)
         return _SparseConv2dFunction.apply(x, self.values, self.bias, *args)
 
-    def make_regrow_target(self, name: str, budget: int, optimizer_state):
-        """The engine's hook for layers that store their weight sparsely: SparseConv2d has no
-        topology-update backend yet, so DynamicSparsity refuses it rather than train it static."""
-        raise NotImplementedError(
-            f"{name}: SparseConv2d does not run under DynamicSparsity yet (issue 17); use nn.Conv2d "
-            "with the masked backend, or train SparseConv2d with its fixed initial topology")
+    # -- used by the sparse backend --------------------------------------------------------
+    def arm_capture(self) -> None:
+        """Record inputs and output gradients of the next training forward/backward."""
+        self._armed = True
+        self._capture = _Capture()
+
+    def disarm_capture(self) -> None:
+        self._armed = False
+        self._capture = None
+
+    def captured(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """``(x [B, in, H, W], dy [B, out, Ho, Wo])`` of every call of the armed step (views of
+        what the layer keeps, no copies), or None when nothing complete was captured."""
+        calls = self._captured_calls()
+        if calls is None:
+            return None
+        (ph, pw), out = self.padding, []
+        for x_t, dy_t, (ho, wo) in calls:
+            x = x_t[:, :, ph:x_t.shape[2] - ph, pw:x_t.shape[3] - pw].permute(1, 0, 2, 3)
+            out.append((x, dy_t.view(dy_t.shape[0], -1, ho, wo).permute(1, 0, 2, 3)))
+        return out
+
+    def _captured_calls(self):
+        return None if self._capture is None else self._capture.calls()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, nnz={self.nnz}, "
                 f"density={self.density:.4g}, bias={self.bias is not None}")
+
+
+def _calls(layer: SparseConv2d):
+    calls = layer._captured_calls()
+    if calls is None:
+        raise RuntimeError("no inputs/output gradients were captured by this SparseConv2d at this step "
+                           "(arm_capture() before the step's forward, and run its backward)")
+    return calls
+
+
+def captured_tap_grads(layer: SparseConv2d, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """dL/dw of the kernel taps ``(row, col)`` (output channel, ``c * kh * kw + i * kw + j``;
+    active or not) from the armed step's captured calls.
+
+    Taps are grouped by kernel offset; per offset, the asked input channels' slice at that offset
+    is multiplied with the output gradients of the asked channels and summed over batch and
+    positions (:func:`~regrow.nn.sparse_linear.sampled_grad`): O(B * Ho * Wo) per tap, no dense
+    kernel gradient."""
+    kh, kw = layer.kernel_size
+    # distinct taps only (the sampled product's CSR pattern takes no repeats), sorted
+    keys, inverse = torch.unique(row.reshape(-1).long() * layer.cols + col.reshape(-1).long(), return_inverse=True)
+    row, col = keys // layer.cols, keys % layer.cols
+    offset, in_ch = col % (kh * kw), col // (kh * kw)
+    order = torch.argsort(offset)
+    bounds = torch.searchsorted(offset[order], torch.arange(kh * kw + 1, device=col.device)).tolist()
+    out = None
+    for x_t, dy_t, out_size in _calls(layer):
+        out = torch.zeros(row.numel(), dtype=x_t.dtype, device=x_t.device) if out is None else out
+        geometry = (layer.stride, layer.dilation, out_size)
+        for k in range(kh * kw):
+            idx = order[bounds[k]:bounds[k + 1]]
+            if idx.numel() == 0:
+                continue
+            channels, local = torch.unique(in_ch[idx], return_inverse=True)
+            cols = _offset_columns(x_t, k // kw, k % kw, channels, geometry)
+            out[idx] += sampled_grad(layer.out_channels, row[idx], local, cols, dy_t)
+    return out[inverse]
+
+
+def captured_grad_rows(layer: SparseConv2d, start: int, stop: int) -> torch.Tensor:
+    """The dense kernel gradient of output channels ``start:stop`` as ``[stop - start, in * kh *
+    kw]``, from the armed step's captured calls (a weight-gradient convolution of those channels'
+    output gradients only): what RigL-family growth scans block by block."""
+    shape = (stop - start, layer.in_channels, *layer.kernel_size)
+    total = None
+    for x_t, dy_t, (ho, wo) in _calls(layer):
+        # x_t is already padded: convolve it with padding 0
+        dy = dy_t[start:stop].view(stop - start, -1, ho, wo).permute(1, 0, 2, 3)
+        g = torch.nn.grad.conv2d_weight(x_t.permute(1, 0, 2, 3), shape, dy, layer.stride, 0, layer.dilation)
+        total = g if total is None else total.add_(g)
+    return total.reshape(stop - start, -1)
