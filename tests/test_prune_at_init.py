@@ -158,6 +158,9 @@ def test_mask_is_decided_once_and_zeros_stay_zero(method, opt):
                 if isinstance(buf, torch.Tensor) and buf.shape == mask.shape:
                     assert (buf[~mask] == 0).all(), "optimizer state of pruned weights stays zero"
     assert dst.stats()["updates"] == 0
+    # the dense weights were scored, never trained: only the kept ones count as explored
+    stats = dst.stats()
+    assert stats["itop_rate"] == pytest.approx(stats["density"], abs=1e-12)
 
 
 @pytest.mark.parametrize("method", PRUNE_AT_INIT)

@@ -127,6 +127,9 @@ class MaskedTarget(SparseTarget):
         self.apply_mask()
         self._optimizer_state.zero_inactive(self.param, self.mask)
 
+    def restart_exploration(self) -> None:
+        self.ever_active = self.mask.clone()
+
     @torch.no_grad()
     def rewire(self, drop: torch.Tensor, grow: torch.Tensor, grow_values: torch.Tensor) -> None:
         mask, keep = self._mask.view(-1), self._keep.view(-1)

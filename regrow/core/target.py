@@ -102,6 +102,12 @@ class SparseTarget(ABC):
     def ever_active_count(self) -> int:
         """How many distinct connections have been active at any time (for ITOP rate)."""
 
+    def restart_exploration(self) -> None:
+        """Count only the connections active now as explored: for a mask decided from a
+        score pass over dense weights that were never trained (pruning at initialization),
+        whose ITOP rate is then 1 - sparsity, as Liu et al. define it over the training masks."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restart its ITOP set")
+
     @abstractmethod
     def fan_in_bound(self) -> float:
         """Bound for a freshly initialised weight, as the layer's own init would use."""

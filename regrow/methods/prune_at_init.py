@@ -57,12 +57,19 @@ class PruneAtInit(Method):
     def decide_masks(self, targets, first: FirstStep) -> None:
         scores = self.scores(targets, first)
         if self.nm is not None:   # N:M: the n best of every group, whatever the scope
-            for t in targets:
-                t.set_mask(nm_structure.keep_top_per_group(t, scores[t.name].float().cpu(), *self.nm))
-            return
-        masks = self.keep_largest(targets, scores, {t.name: t.budget for t in targets})
+            masks = {t.name: nm_structure.keep_top_per_group(t, scores[t.name].float().cpu(), *self.nm)
+                     for t in targets}
+        else:
+            masks = self.keep_largest(targets, scores, {t.name: t.budget for t in targets})
+        self.apply_masks(targets, masks)
+
+    @staticmethod
+    def apply_masks(targets: Sequence[SparseTarget], masks: dict[str, torch.Tensor]) -> None:
+        """Set the decided masks (flat or [rows, cols]) once and for all."""
         for t in targets:
             t.set_mask(masks[t.name].view(t.rows, t.cols))
+            # the dense weights were only scored, never trained: they were not explored
+            t.restart_exploration()
 
     def scores(self, targets: Sequence[SparseTarget], first: FirstStep) -> dict[str, torch.Tensor]:
         """Flat score per weight of each target (higher: more worth keeping)."""

@@ -53,8 +53,7 @@ class SynFlow(PruneAtInit):
         finally:
             for m, training in modes.items():
                 m.train(training)
-        for t in targets:
-            t.set_mask(masks[t.name].view(t.rows, t.cols))
+        self.apply_masks(targets, masks)
 
     @staticmethod
     def _scores(model, targets, state, masks, ones) -> dict[str, torch.Tensor]:
