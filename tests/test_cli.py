@@ -100,7 +100,6 @@ def _run_cli(argv, capsys):
     (["--method", "rigl", "--gamma", "2"], "--gamma does not apply to method 'rigl'"),
     (["--method", "dense"], "use --sparsity 0"),
     (["--backend", "sparse", "--method", "snip"], "supports methods static, set"),
-    (["--backend", "sparse", "--model", "lenet5"], "Conv2d layers would all stay on the masked backend"),
     (["--model", "lenet5", "--widths", "3"], "--widths applies to the mlp only"),
     (["--model-option", "nope=1"], "has no option"),
     (["--model-option", "widths=5"], "mlp widths must be positive integers, in a list"),

@@ -13,7 +13,7 @@ from regrow.backends.masked import MaskedTarget
 from regrow.backends.sparse import SparseLinearTarget
 from regrow.core.optim_state import OptimizerStateMasker
 from regrow.core.row_blocks import row_blocks
-from regrow.nn import SparseLinear, SparseMultiheadAttention, sparsify
+from regrow.nn import SparseConv2d, SparseLinear, SparseMultiheadAttention, sparsify
 
 
 def masked_attention(seed: int, embed: int = 16, heads: int = 4, batch_first: bool = True, density: float = 0.4):
@@ -128,7 +128,7 @@ def test_sparsify_makes_the_builtin_vit_always_sparse_and_it_trains_with_rigl():
     sparsify(model, sparsity=0.8)
     dense_weights = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
     assert dense_weights == []
-    assert isinstance(model.patch_embed, nn.Conv2d), "the patch embedding stays on the masked backend"
+    assert isinstance(model.patch_embed, SparseConv2d), "the patch embedding is always-sparse too"
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     dst = regrow.DynamicSparsity(model, opt, method="rigl", sparsity=0.8, total_steps=20, update_interval=2)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
@@ -196,8 +196,6 @@ def test_cli_config_accepts_the_vit_on_the_sparse_backend():
     config = TrainConfig(backend="sparse", model="vit", method="rigl", dataset="digits").validate()
     model = build_model(config, (1, 8, 8), 10)
     assert any(isinstance(m, SparseMultiheadAttention) for m in model.modules())
-    with pytest.raises(ValueError, match="Conv2d layers would all stay on the masked backend"):
-        TrainConfig(backend="sparse", model="resnet20", dataset="digits").validate()
 
 
 def test_flops_of_a_sparsified_vit_count_the_same_dense_work_as_the_original():

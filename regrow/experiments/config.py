@@ -23,9 +23,6 @@ from ..core.schedules import DROP_SCHEDULES
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")
 BACKENDS = ("masked", "sparse")
-#: models whose layers `--backend sparse` converts (nn.Linear, nn.MultiheadAttention; a ViT keeps
-#: its patch-embedding Conv2d on the masked backend)
-SPARSE_BACKEND_MODELS = ("mlp", "vit")
 GROW_INITS = ("zero", "random")
 SAMPLINGS = ("uniform", "grabo", "graest")
 #: the engine's methods and ``imp``, which the CLI runs as rounds of them (see :mod:`.imp`)
@@ -125,8 +122,9 @@ class TrainConfig:
                                     "is built", "str", group="sparsity", metavar="FILE")
     init_mask: str = _opt("random", "initial masks (see DynamicSparsity): random, magnitude (largest |w|) or "
                           "existing (the loaded weights' zeros)", "str", choices=INIT_MASKS, group="sparsity")
-    backend: str = _opt("masked", "masked (any model) or sparse (always-sparse SparseLinear; mlp with "
-                        "static, set or gse only)", "str", choices=BACKENDS, group="sparsity")
+    backend: str = _opt("masked", "masked (any model) or sparse (always-sparse SparseLinear / SparseConv2d "
+                        "layers, any model of the zoo; methods that need dense weights are refused)", "str",
+                        choices=BACKENDS, group="sparsity")
 
     # -- method options (None: the method's own default) -------------------------------------
     grow_init: str | None = _opt(None, "initial value of grown weights (set: random; others: zero)",
@@ -221,11 +219,6 @@ class TrainConfig:
             if self.rounds is not None and self.rounds < 1:
                 raise ValueError(f"imp needs --rounds >= 1, got {self.rounds}")
         if self.backend == "sparse":
-            if self.model not in SPARSE_BACKEND_MODELS:
-                raise ValueError(f"--backend sparse converts nn.Linear and attention layers (models "
-                                 f"{', '.join(SPARSE_BACKEND_MODELS)}); '{self.model}' is a convolutional "
-                                 "network whose Conv2d layers would all stay on the masked backend: use "
-                                 "--backend masked")
             if not REGISTRY[self.method].sparse_backend:
                 able = ", ".join(m for m in METHODS if REGISTRY[m].sparse_backend)
                 raise ValueError(f"--backend sparse supports methods {able}, not '{self.method}' "

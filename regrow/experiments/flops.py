@@ -2,7 +2,8 @@
 
 Costs are multiply-adds per sample. A layer's dense forward cost F_l is measured with hooks
 during one forward pass: nn.Linear ``in * out`` per position, a convolution
-``output elements * in_channels / groups * kernel size``, nn.MultiheadAttention its q/k/v and
+``output elements * in_channels / groups * kernel size`` (a SparseConv2d the same, its
+density then scaling it like a masked conv's), nn.MultiheadAttention its q/k/v and
 output projections (and its two attention products, which are never sparse). A sparse
 forward costs f_S = sum_l d_l F_l plus the dense cost of everything not sparsified.
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from ..nn.sparse_attention import SparseMultiheadAttention
+from ..nn.sparse_conv import SparseConv2d
 
 #: how a method's update step computes gradients for growth
 GROWTH_COSTS = ("none", "dense_grad", "subset_grad")
@@ -78,7 +80,10 @@ def measure_layer_flops(model: nn.Module, in_shape: tuple[int, ...]) -> LayerFlo
         add(weight, output.numel() / out_features * module.in_features * out_features)
 
     def conv(module, inputs, output):
-        add(module.weight, output.numel() * module.weight[0].numel())
+        if isinstance(module, SparseConv2d):   # its dense grid: in_channels * kernel size per output
+            add(module.values, output.numel() * module.taps_per_channel)
+        else:
+            add(module.weight, output.numel() * module.weight[0].numel())
 
     def attention(module, args, kwargs, output):
         q = kwargs.get("query", args[0] if len(args) > 0 else None)
@@ -107,7 +112,7 @@ def measure_layer_flops(model: nn.Module, in_shape: tuple[int, ...]) -> LayerFlo
             hooks.append(module.register_forward_hook(attention, with_kwargs=True))
         elif isinstance(module, SparseMultiheadAttention):
             hooks.append(module.register_forward_hook(sparse_attention, with_kwargs=True))
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, SparseConv2d)):
             hooks.append(module.register_forward_hook(conv))
         elif isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")
                                                and hasattr(module, "regrow_sparse_parameter")):
