@@ -109,3 +109,28 @@ def test_regrow_train_backend_sparse_trains_a_cnn_and_rewires_its_convs(tmp_path
     assert convs and all(name.endswith(".values") for name in convs)
     rewired = sum(sum(u["layers"][name]) for u in updates for name in convs)
     assert rewired > 0, "the convolutions' topology was updated"
+
+
+SMALL = {"lenet5": {}, "resnet20": {"width": 0.25}, "resnet32": {"width": 0.25}, "resnet56": {"width": 0.25},
+         "resnet18": {"width": 0.0625}, "vgg11": {"width": 0.0625}, "vgg16": {"width": 0.0625},
+         "vgg19": {"width": 0.0625}}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_every_cnn_of_the_zoo_trains_always_sparse(name):
+    import regrow
+    torch.manual_seed(0)
+    model = sparsify(build(name, 4, (3, 8, 8), **SMALL[name]), sparsity=0.9)
+    assert not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    dst = regrow.DynamicSparsity(model, optimizer, method="rigl", sparsity=0.9, total_steps=4, update_interval=1,
+                                 stop_fraction=1.0)
+    counts = {t.name: t.nnz for t in dst.targets}
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    for _ in range(2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        dst.step()
+    assert dst.stats()["updates"] == 2
+    assert {t.name: t.nnz for t in dst.targets} == counts
+    assert sum(c["grown"] for c in dst.last_update["layers"].values()) > 0
