@@ -85,3 +85,16 @@ def import_timm():
             for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
                 del sys.modules[name]   # the stand-in serves timm's imports only
     return importlib.import_module("timm")
+
+
+def update_once(layer: nn.Module, target, method, x: torch.Tensor, grad_out: torch.Tensor, ctx) -> None:
+    """One topology update of one backend target as the engine runs it: capture armed, the
+    batch's forward and backward (output gradient ``grad_out``), the gradient kept, the method's
+    update, then the step's captures released and the gradient cleared."""
+    target.arm_capture()
+    layer(x).backward(grad_out)
+    target.snapshot_grad()
+    method.update(target, ctx)
+    method.after_update([target], ctx)
+    target.release()
+    layer.zero_grad()

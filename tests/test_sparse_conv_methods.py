@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import regrow
+from helpers import update_once
 from regrow.backends.masked import MaskedTarget
 from regrow.backends.sparse import SparseConv2dTarget
 from regrow.core.optim_state import OptimizerStateMasker
@@ -114,14 +115,8 @@ def test_every_sparse_method_makes_the_masked_backends_decisions_on_a_conv(metho
         g = torch.randn(layer(x).shape, generator=gen, dtype=torch.float64)
         before = set(t_s.active_indices().tolist())
         for lay, tgt, method in ((layer, t_s, methods[0]), (conv, t_m, methods[1])):
-            tgt.arm_capture()
-            lay(x).backward(g)
-            tgt.snapshot_grad()
             ctx = UpdateContext(step=10 * update, fraction=0.3, generator=torch.Generator().manual_seed(update), seed=7)
-            method.update(tgt, ctx)
-            method.after_update([tgt], ctx)
-            tgt.release()
-            lay.zero_grad()
+            update_once(lay, tgt, method, x, g, ctx)
         after_s, after_m = set(t_s.active_indices().tolist()), set(t_m.active_indices().tolist())
         assert after_s == after_m, f"update {update}: the backends chose different taps"
         if method_name == "srigl":   # constant fan-in: every surviving channel has the same taps

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import regrow
+from helpers import update_once
 from regrow.backends.masked import MaskedTarget
 from regrow.backends.sparse import SparseLinearTarget
 from regrow.core import row_blocks
@@ -138,14 +139,8 @@ def test_rigl_family_makes_the_masked_backends_decisions(method_name, options):
         x, g = torch.randn(16, 40, generator=gen), torch.randn(16, 30, generator=gen)
         before = set(t_s.active_indices().tolist())
         for (lay, tgt), method in zip(((layer, t_s), (linear, t_m)), methods.values()):
-            tgt.arm_capture()
-            lay(x).backward(g)
-            tgt.snapshot_grad()
             ctx = UpdateContext(step=10 * update, fraction=0.3, generator=torch.Generator().manual_seed(update), seed=7)
-            method.update(tgt, ctx)
-            method.after_update([tgt], ctx)
-            tgt.release()
-            lay.zero_grad()
+            update_once(lay, tgt, method, x, g, ctx)
         after_s, after_m = set(t_s.active_indices().tolist()), set(t_m.active_indices().tolist())
         assert after_s == after_m, f"update {update}"
         if method_name == "srigl":

@@ -29,10 +29,31 @@ def _resize_parameter(param: nn.Parameter, data: torch.Tensor) -> None:
 
 class IndexedWeights:
     """Mixin for an ``nn.Module`` holding ``values``, ``row_indices``, ``col_indices`` and a
-    cached topology ``_topo``; the class defines ``rows`` and ``cols``."""
+    cached topology ``_topo``; the class defines ``rows`` and ``cols``, and ``_capture_type``:
+    what records one armed step's inputs and output gradients (read by the sparse backend)."""
 
     rows: int
     cols: int
+    _capture_type: type
+    _capture = None
+    _armed = False
+
+    # -- used by the sparse backend --------------------------------------------------------
+    def arm_capture(self) -> None:
+        """Record inputs and output gradients of the next training forward/backward."""
+        self._armed = True
+        self._capture = self._capture_type()
+
+    def disarm_capture(self) -> None:
+        self._armed = False
+        self._capture = None
+
+    def _capture_for_forward(self):
+        """The record this forward adds to: only an armed training forward that computes the
+        values' gradient (not an evaluation pass between steps)."""
+        if self._armed and torch.is_grad_enabled() and self.values.requires_grad:
+            return self._capture
+        return None
 
     @property
     def nnz(self) -> int:

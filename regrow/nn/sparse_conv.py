@@ -14,7 +14,13 @@ same offset; the weight gradient is computed for the active taps only (a sampled
 output gradients and input slices, :func:`~regrow.nn.sparse_linear.sampled_grad`). Nothing of
 size out x in x kh x kw is created, in the forward or the backward.
 
-The output is laid out channel-major in memory ([out, B, Ho, Wo] storage, shape [B, out, Ho,
+Kernels: for float32 on the CPU the forward and both gradients run in compiled loops instead
+(:mod:`regrow.nn._conv_kernels`: a direct sparse convolution over each output channel's taps on
+a batch-innermost copy of the input; output and input gradient come back as contiguous NCHW);
+the route above is the fallback (no compiler, ``REGROW_DISABLE_KERNEL=1``, other dtypes or
+devices) and the reference it is tested against.
+
+On the torch route the output is laid out channel-major in memory ([out, B, Ho, Wo] storage, shape [B, out, Ho,
 Wo]; not a view): a following SparseConv2d reads it without a copy. Call ``.contiguous()`` if a
 later op needs NCHW storage.
 """
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import _conv_kernels
 from ._indexed import IndexedWeights
 from .sparse_linear import _autocast_enabled, _even_counts, constant_fan_in, sampled_grad
 
@@ -80,6 +87,7 @@ class _ConvTopology:
 
     def __init__(self, row: torch.Tensor, col: torch.Tensor, out_channels: int, kernel_size: tuple[int, int]):
         self.row, self.col, self.out_channels = row, col, out_channels
+        self.kernel_size = kernel_size
         kh, kw = kernel_size
         row_l, col_l = row.long(), col.long()
         offset, in_ch = col_l % (kh * kw), col_l // (kh * kw)
@@ -131,23 +139,33 @@ class _SparseConv2dFunction(torch.autograd.Function):
                 capture: _Capture | None):
         (ph, pw) = padding
         batch, _, h, w = x.shape
-        # channel-major, padded once: [C, B, Hp, Wp] (a copy of the input's size)
-        x_t = x.permute(1, 0, 2, 3)
-        x_t = F.pad(x_t, (pw, pw, ph, ph)) if ph or pw else x_t.contiguous()
         geometry = (stride, dilation, out_size)
-        ho, wo = out_size
-        y_t = torch.zeros(topo.out_channels, batch * ho * wo, dtype=x.dtype, device=x.device)
-        for off in topo.offsets:
-            cols = _offset_columns(x_t, off.i, off.j, off.channels, geometry)
-            y_t.add_(torch.sparse.mm(off.weight(values), cols))
-        if bias is not None:
-            y_t.add_(bias[:, None])
-        # shape [B, out, Ho, Wo] stored as [out, B, Ho, Wo]: not a view, so in-place ops after
-        # the layer are allowed, and a following SparseConv2d reads it channel-major for free
-        out_ch = y_t.shape[0]
-        y = torch.empty_strided((batch, out_ch, ho, wo), (ho * wo, batch * ho * wo, wo, 1),
-                                dtype=x.dtype, device=x.device)
-        y.permute(1, 0, 2, 3).copy_(y_t.view(out_ch, batch, ho, wo))
+        kernels = _conv_kernels.load_for(x, values, bias)
+        if kernels is not None and kernels.supports(x, padding):
+            # compiled direct convolution on a padded batch-innermost copy [C, Hp, Wp, B]; its
+            # [C, B, Hp, Wp] view is what the capture reads (the torch route's layout)
+            x_p = kernels.to_batch_inner(x, padding)
+            y = kernels.forward(x_p, values, bias, topo, topo.kernel_size, stride, dilation, out_size)
+            x_t = x_p.permute(0, 3, 1, 2)
+        else:
+            kernels = None
+            # channel-major, padded once: [C, B, Hp, Wp] (a copy of the input's size)
+            x_t = x.permute(1, 0, 2, 3)
+            x_t = F.pad(x_t, (pw, pw, ph, ph)) if ph or pw else x_t.contiguous()
+            ho, wo = out_size
+            y_t = torch.zeros(topo.out_channels, batch * ho * wo, dtype=x.dtype, device=x.device)
+            for off in topo.offsets:
+                cols = _offset_columns(x_t, off.i, off.j, off.channels, geometry)
+                y_t.add_(torch.sparse.mm(off.weight(values), cols))
+            if bias is not None:
+                y_t.add_(bias[:, None])
+            # shape [B, out, Ho, Wo] stored as [out, B, Ho, Wo]: not a view, so in-place ops after
+            # the layer are allowed, and a following SparseConv2d reads it channel-major for free
+            out_ch = y_t.shape[0]
+            y = torch.empty_strided((batch, out_ch, ho, wo), (ho * wo, batch * ho * wo, wo, 1),
+                                    dtype=x.dtype, device=x.device)
+            y.permute(1, 0, 2, 3).copy_(y_t.view(out_ch, batch, ho, wo))
+        ctx.kernels = kernels
         ctx.save_for_backward(x_t, values)
         ctx.topo, ctx.geometry, ctx.padding = topo, geometry, padding
         ctx.in_size, ctx.has_bias = (h, w), bias is not None
@@ -166,6 +184,8 @@ class _SparseConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_y):
+        if ctx.kernels is not None:
+            return _SparseConv2dFunction._backward_compiled(ctx, grad_y)
         x_t, values = ctx.saved_tensors
         topo: _ConvTopology = ctx.topo
         g_t = grad_y.permute(1, 0, 2, 3).reshape(grad_y.shape[1], -1)   # [out, B * Ho * Wo]
@@ -192,6 +212,18 @@ class _SparseConv2dFunction(torch.autograd.Function):
             grad_b = g_t.sum(1)
         return grad_x, grad_v, grad_b, None, None, None, None, None, None
 
+    @staticmethod
+    def _backward_compiled(ctx, grad_y):
+        """Both gradients in one pass of the compiled loops (regrow.nn._conv_kernels)."""
+        x_t, values = ctx.saved_tensors   # x_t: the [C, B, Hp, Wp] view of x_p [C, Hp, Wp, B]
+        if ctx.capture is not None:
+            ctx.capture.dy[ctx.call] = grad_y.permute(1, 0, 2, 3).reshape(grad_y.shape[1], -1)
+        (stride, dilation, _), topo = ctx.geometry, ctx.topo
+        grad_x, grad_v = ctx.kernels.backward(x_t.permute(0, 2, 3, 1), values, topo, grad_y, topo.kernel_size,
+                                              stride, ctx.padding, dilation, *ctx.needs_input_grad[:2])
+        grad_b = grad_y.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_v, grad_b, None, None, None, None, None, None
+
 
 class SparseConv2d(IndexedWeights, nn.Module):
     """A 2-D convolution that stores only its active kernel taps.
@@ -211,6 +243,7 @@ class SparseConv2d(IndexedWeights, nn.Module):
     """
 
     regrow_sparse_parameter = "values"
+    _capture_type = _Capture
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, *, density: float | None = None,
@@ -253,8 +286,6 @@ class SparseConv2d(IndexedWeights, nn.Module):
         self.register_buffer("row_indices", row.to(device=device, dtype=torch.int32))
         self.register_buffer("col_indices", col.to(device=device, dtype=torch.int32))
         self._topo: _ConvTopology | None = None
-        self._capture: _Capture | None = None
-        self._armed = False
         self.reset_parameters(gen)
 
     # -- construction --------------------------------------------------------------------
@@ -337,7 +368,7 @@ class SparseConv2d(IndexedWeights, nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d expects [B, {self.in_channels}, H, W] inputs, got shape {tuple(x.shape)}")
         out_size = self.output_size(x.shape[2], x.shape[3])
-        capture = self._capture if (self._armed and torch.is_grad_enabled() and self.values.requires_grad) else None
+        capture = self._capture_for_forward()
         args = (self.topology(), self.stride, self.padding, self.dilation, out_size, capture)
         if _autocast_enabled(x.device.type):
             # run the sparse products in the values' dtype (MKL has no bf16 CSR matmul)
@@ -345,16 +376,7 @@ class SparseConv2d(IndexedWeights, nn.Module):
                 return _SparseConv2dFunction.apply(x.to(self.values.dtype), self.values, self.bias, *args)
         return _SparseConv2dFunction.apply(x, self.values, self.bias, *args)
 
-    # -- used by the sparse backend --------------------------------------------------------
-    def arm_capture(self) -> None:
-        """Record inputs and output gradients of the next training forward/backward."""
-        self._armed = True
-        self._capture = _Capture()
-
-    def disarm_capture(self) -> None:
-        self._armed = False
-        self._capture = None
-
+    # -- used by the sparse backend (arm_capture / disarm_capture: IndexedWeights) ------------
     def captured(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """``(x [B, in, H, W], dy [B, out, Ho, Wo])`` of every call of the armed step (views of
         what the layer keeps, no copies), or None when nothing complete was captured."""

@@ -364,6 +364,7 @@ class SparseLinear(IndexedWeights, nn.Module):
     """
 
     regrow_sparse_parameter = "values"
+    _capture_type = _Capture
 
     def __init__(self, in_features: int, out_features: int, density: float | None = None, *,
                  fan_in: int | None = None, bias: bool = True, seed: int = 0,
@@ -391,8 +392,6 @@ class SparseLinear(IndexedWeights, nn.Module):
         self.register_buffer("row_indices", row.to(device=device, dtype=torch.int32))
         self.register_buffer("col_indices", col.to(device=device, dtype=torch.int32))
         self._topo: _Topology | None = None
-        self._capture: _Capture | None = None
-        self._armed = False
         self.reset_parameters(gen)
 
     # -- construction --------------------------------------------------------------------
@@ -452,7 +451,7 @@ class SparseLinear(IndexedWeights, nn.Module):
             raise ValueError(f"SparseLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        capture = self._capture if (self._armed and torch.is_grad_enabled() and self.values.requires_grad) else None
+        capture = self._capture_for_forward()
         if _autocast_enabled(x2d.device.type):
             # autocast hands over bf16/fp16 activations while the values stay fp32, and would
             # recast the sparse products too (MKL has no bf16 CSR matmul): run in the values' dtype
@@ -463,16 +462,7 @@ class SparseLinear(IndexedWeights, nn.Module):
             y = _SparseLinearFunction.apply(x2d, self.values, self.bias, self.topology(), capture)
         return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
 
-    # -- used by the sparse backend --------------------------------------------------------
-    def arm_capture(self) -> None:
-        """Record inputs and output gradients of the next training forward/backward."""
-        self._armed = True
-        self._capture = _Capture()
-
-    def disarm_capture(self) -> None:
-        self._armed = False
-        self._capture = None
-
+    # -- used by the sparse backend (arm_capture / disarm_capture: IndexedWeights) ------------
     def captured(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(h^T [in, B], delta^T [out, B])`` of the armed step, or None."""
         return None if self._capture is None else self._capture.pair()
