@@ -144,3 +144,27 @@ def test_disabled_kernels_fall_back_silently(monkeypatch):
     finally:
         monkeypatch.delenv("REGROW_DISABLE_KERNEL")
         _conv_kernels.load.cache_clear()   # later tests load the real kernels (from the cache) again
+
+
+def test_capture_on_the_compiled_route():
+    """The armed step's captured inputs / output gradients (the growth machinery's view of the
+    batch-innermost copy) are the call's own, and the tap gradients from them equal autograd's."""
+    layer = SparseConv2d(4, 6, 3, stride=2, padding=1, density=0.3, seed=6)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(17, 4, 9, 7, generator=gen)
+    grad_out = torch.randn(17, 6, *layer.output_size(9, 7), generator=gen)
+    layer.arm_capture()
+    try:
+        y = layer(x)
+        y.backward(grad_out)
+        (cx, cdy), = layer.captured()
+        torch.testing.assert_close(cx, x, rtol=0, atol=0)
+        torch.testing.assert_close(cdy, grad_out, rtol=0, atol=0)
+        got = sparse_conv.captured_tap_grads(layer, layer.row_indices, layer.col_indices)
+        torch.testing.assert_close(got, layer.values.grad, rtol=1e-4, atol=1e-4)
+        w = layer.to_dense().requires_grad_()
+        gw, = torch.autograd.grad(F.conv2d(x, w, None, layer.stride, layer.padding, layer.dilation), [w], grad_out)
+        torch.testing.assert_close(sparse_conv.captured_grad_rows(layer, 1, 4), gw[1:4].reshape(3, -1),
+                                   rtol=1e-4, atol=1e-4)
+    finally:
+        layer.disarm_capture()
