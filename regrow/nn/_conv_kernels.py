@@ -40,13 +40,14 @@ pure-torch route (offset-grouped torch.sparse products), which gives the same re
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import weakref
 from pathlib import Path
 
-import ctypes
 import torch
 
+from ..core import hugepages
 from . import _cbuild
 
 _SOURCE = r"""
@@ -325,7 +326,7 @@ class ConvKernels:
         with a zero border."""
         batch, c, h, w = x.shape
         ph, pw = padding
-        out = torch.empty(c, h + 2 * ph, w + 2 * pw, batch, dtype=x.dtype)
+        out = hugepages.empty(c, h + 2 * ph, w + 2 * pw, batch)
         if out.numel():
             strides = torch.tensor(x.stride(), dtype=torch.int64)
             self._to_inner(batch, c, h, w, strides.data_ptr(), x.data_ptr(), ph, pw, out.data_ptr(),
@@ -337,7 +338,7 @@ class ConvKernels:
         c, hp, wp, batch = src.shape
         ph, pw = padding
         h, w = hp - 2 * ph, wp - 2 * pw
-        out = torch.empty(batch, c, h, w, dtype=src.dtype)
+        out = hugepages.empty(batch, c, h, w)
         if out.numel():
             self._from_inner(batch, c, h, w, src.data_ptr(), ph, pw, out.data_ptr(), torch.get_num_threads())
         return out
@@ -347,7 +348,7 @@ class ConvKernels:
         """The convolution of padded batch-innermost ``x_p`` [C, Hp, Wp, B], as contiguous
         NCHW [B, O, Ho, Wo] (what BatchNorm, the usual next op, reads fastest)."""
         batch, (ho, wo), out_ch = x_p.shape[3], out_size, topo.out_channels
-        y = torch.empty(out_ch, ho, wo, batch, dtype=x_p.dtype)
+        y = hugepages.empty(out_ch, ho, wo, batch)
         if y.numel() == 0:
             return y.permute(3, 0, 1, 2).contiguous()
         g = _geometry(x_p, out_ch, out_size, kernel_size, stride, dilation)
@@ -364,8 +365,8 @@ class ConvKernels:
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(grad_x [B, C, H, W] contiguous, grad_values [N])`` (None where not wanted) from
         ``grad_y`` [B, O, Ho, Wo] (any strides) and the forward's padded input ``x_p``."""
-        gx = torch.zeros_like(x_p) if want_x else None
-        gv = torch.zeros_like(values) if want_v else None
+        gx = hugepages.empty_like(x_p).zero_() if want_x else None
+        gv = hugepages.empty_like(values).zero_() if want_v else None
         if (want_x or want_v) and grad_y.numel() and values.numel():
             gy = self.to_batch_inner(grad_y)   # [O, Ho, Wo, B]
             bptr, brow, bperm = _backward_order(topo, x_p.shape[0], kernel_size[0] * kernel_size[1])
