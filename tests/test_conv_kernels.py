@@ -117,11 +117,16 @@ def test_one_gradient_only(want_x, want_v):
     _assert_all_close(got, [w if on else None for w, on in zip(want, (True, want_x, want_v, False))])
 
 
-def test_layout_conversions_round_trip():
+@pytest.mark.parametrize("batch,width", [(5, 6), (19, 13), (16, 16)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layout_conversions_round_trip(batch, width, channels_last):
+    """Exact copies both ways, through the 8 x 8 register transposes and the scalar tails."""
     kernels = _conv_kernels.load()
-    x = torch.randn(5, 3, 4, 6)
+    x = torch.randn(batch, 3, 4, width)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     x_p = kernels.to_batch_inner(x, (2, 1))
-    assert x_p.shape == (3, 8, 8, 5)
+    assert x_p.shape == (3, 8, width + 2, batch)
     torch.testing.assert_close(x_p, F.pad(x, (1, 1, 2, 2)).permute(1, 2, 3, 0), rtol=0, atol=0)
     back = kernels.to_nchw(x_p, (2, 1))
     assert back.is_contiguous()
