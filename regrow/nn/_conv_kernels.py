@@ -54,6 +54,7 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 #define LD(p) (*(const v8 *)(p))
@@ -142,11 +143,13 @@ int conv_forward(const int64_t *g, const int64_t *crow, const int32_t *col, cons
    that offset's taps s..e (output channel brow[t], value position bperm[t]). x and gx point at
    the input pixel of the tile's first position (step: sw * B between positions); gy at the
    tile's first output position of output channel 0 (plane: Ho * Wo * B between channels).
+   dacc[t - s]: tap t's weight gradient as 8 partial sums, summed across the row's tiles (one
+   horizontal sum per tap and row instead of one per tile).
    GX / DW: which gradients are wanted (compile-time, so the loop carries nothing unused). */
 #define DEFINE_BWD_TILE(NAME, P, GX, DW)                                                        \
 static inline void NAME(int64_t s, int64_t e, const int32_t *brow, const int32_t *bperm,       \
                         const float *w, const float *gy, int64_t plane, const float *x,         \
-                        float *gx, int64_t step, int64_t B, float *dw) {                        \
+                        float *gx, int64_t step, int64_t B, v8 *dacc) {                         \
     v8 xa[P][2], acc[P][2];                                                                     \
     for (int p = 0; p < P; ++p) {                                                               \
         if (DW) { xa[p][0] = LD(x + p * step); xa[p][1] = LD(x + p * step + 8); }               \
@@ -162,7 +165,7 @@ static inline void NAME(int64_t s, int64_t e, const int32_t *brow, const int32_t
             if (GX) { acc[p][0] += wq * g0; acc[p][1] += wq * g1; }                             \
             if (DW) { d += g0 * xa[p][0]; d += g1 * xa[p][1]; }                                 \
         }                                                                                       \
-        if (DW) dw[q] += hsum(d);                                                               \
+        if (DW) dacc[t - s] += d;                                                               \
     }                                                                                           \
     if (GX)                                                                                     \
         for (int p = 0; p < P; ++p) {                                                           \
@@ -180,12 +183,17 @@ DEFINE_BWD_TILE(bwd_dw1, 1, 0, 1)
 /* bptr [C * kh * kw + 1]: the taps grouped by (input channel, kernel offset), output channel
    ascending within a group; brow: their output channels, bperm: their positions in w / dw.
    gx (padded [C, Hp, Wp, B]) and dw must be zeroed by the caller; either may be NULL. */
-void conv_backward(const int64_t *g, const int64_t *bptr, const int32_t *brow, const int32_t *bperm,
-                   const float *w, const float *gy, const float *x, float *gx, float *dw, int nthreads) {
+int conv_backward(const int64_t *g, const int64_t *bptr, const int32_t *brow, const int32_t *bperm,
+                  const float *w, const float *gy, const float *x, float *gx, float *dw, int nthreads) {
     const int64_t C = g[G_C], Hp = g[G_HP], Wp = g[G_WP], Ho = g[G_HO], Wo = g[G_WO], B = g[G_B];
     const int64_t kw = g[G_KW], kk = g[G_KH] * kw, sh = g[G_SH], sw = g[G_SW], dh = g[G_DH], dwd = g[G_DW];
     const int64_t plane = Ho * Wo * B, step = sw * B, n_chunks = (B + BC - 1) / BC;
+    /* per thread: a group's per-tap partial sums (a group holds at most O taps) */
+    v8 *dacc_all = malloc((nthreads * g[G_O] + 1) * sizeof(v8));
+    if (!dacc_all) return -1;
     #pragma omp parallel num_threads(nthreads)
+    {
+    v8 *dacc = dacc_all + omp_get_thread_num() * g[G_O];
     for (int64_t bc = 0; bc < n_chunks; ++bc)
         for (int64_t oh = 0; oh < Ho; ++oh) {
             const int64_t b0 = bc * BC, nb = B - b0 < BC ? B - b0 : BC;
@@ -201,17 +209,19 @@ void conv_backward(const int64_t *g, const int64_t *bptr, const int32_t *brow, c
                     float *gxin = gx ? gx + in0 : NULL;
                     int64_t ow = 0;
                     if (nb == BC) {
+                        if (dw) for (int64_t t = 0; t < e - s; ++t) dacc[t] = (v8){0};
                         #define BWD_ROW(KIND)                                                                       \
                             for (; ow + 2 <= Wo; ow += 2)                                                           \
                                 bwd_##KIND##2(s, e, brow, bperm, w, gyrow + ow * B, plane, xin + ow * step,         \
-                                              gxin ? gxin + ow * step : NULL, step, B, dw);                         \
+                                              gxin ? gxin + ow * step : NULL, step, B, dacc);                       \
                             for (; ow < Wo; ++ow)                                                                   \
                                 bwd_##KIND##1(s, e, brow, bperm, w, gyrow + ow * B, plane, xin + ow * step,         \
-                                              gxin ? gxin + ow * step : NULL, step, B, dw);
+                                              gxin ? gxin + ow * step : NULL, step, B, dacc);
                         if (gx && dw) { BWD_ROW(both) }
                         else if (gx) { BWD_ROW(gx) }
                         else { BWD_ROW(dw) }
                         #undef BWD_ROW
+                        if (dw) for (int64_t t = s; t < e; ++t) dw[bperm[t]] += hsum(dacc[t - s]);
                     }
                     for (; ow < Wo; ++ow)
                         for (int64_t t = s; t < e; ++t) {
@@ -226,6 +236,9 @@ void conv_backward(const int64_t *g, const int64_t *bptr, const int32_t *brow, c
                         }
                 }
         }
+    }
+    free(dacc_all);
+    return 0;
 }
 /* Layout conversions, parallel over (channel, row), moving 8 samples x 8 pixels at a time
    through an in-register 8x8 transpose (torch's strided copy walks the batch at a stride of
@@ -348,7 +361,7 @@ class ConvKernels:
         self._forward.restype = cint
         self._backward = lib.conv_backward
         self._backward.argtypes = [p, p, p, p, p, p, p, p, p, cint]
-        self._backward.restype = None
+        self._backward.restype = cint
         self._to_inner = lib.to_batch_inner
         self._to_inner.argtypes = [i64, i64, i64, i64, p, p, i64, i64, p, cint]
         self._to_inner.restype = None
@@ -413,9 +426,10 @@ class ConvKernels:
             bptr, brow, bperm = _backward_order(topo, x_p.shape[0], kernel_size[0] * kernel_size[1])
             g = _geometry(x_p, topo.out_channels, grad_y.shape[2:], kernel_size, stride, dilation)
             values = values.detach().contiguous()
-            self._backward(g.data_ptr(), bptr.data_ptr(), brow.data_ptr(), bperm.data_ptr(), values.data_ptr(),
-                           gy.data_ptr(), x_p.data_ptr(), None if gx is None else gx.data_ptr(),
-                           None if gv is None else gv.data_ptr(), torch.get_num_threads())
+            if self._backward(g.data_ptr(), bptr.data_ptr(), brow.data_ptr(), bperm.data_ptr(), values.data_ptr(),
+                              gy.data_ptr(), x_p.data_ptr(), None if gx is None else gx.data_ptr(),
+                              None if gv is None else gv.data_ptr(), torch.get_num_threads()) != 0:
+                raise MemoryError("conv_backward: no memory for the per-thread partial sums")
         return (None if gx is None else self.to_nchw(gx, padding)), gv
 
 
