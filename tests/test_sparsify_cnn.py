@@ -12,6 +12,7 @@ from torch import nn
 
 from regrow.core.density import allocate_counts
 from regrow.experiments.cli import main
+from regrow.experiments.export_run import export_run
 from regrow.experiments.flops import measure_layer_flops
 from regrow.models import build
 from regrow.nn import SparseConv2d, SparseLinear, sparsify
@@ -109,6 +110,8 @@ def test_regrow_train_backend_sparse_trains_a_cnn_and_rewires_its_convs(tmp_path
     assert convs and all(name.endswith(".values") for name in convs)
     rewired = sum(sum(u["layers"][name]) for u in updates for name in convs)
     assert rewired > 0, "the convolutions' topology was updated"
+    exported = export_run(out, "condensed")   # the run exports: convs as nn.Conv2d with their zeros
+    assert exported["dense_params"] == summary["params"]["total"] >= exported["params"] > 0
 
 
 SMALL = {"lenet5": {}, "resnet20": {"width": 0.25}, "resnet32": {"width": 0.25}, "resnet56": {"width": 0.25},

@@ -36,7 +36,7 @@ def export_run(run_dir: str | Path, format: str = "condensed", out_path: str | P
     out = Path(out_path) if out_path is not None else run_dir / f"exported-{format}"
     saved = save_exported(exported, out, arch=arch)
     dense_params = sum(p.numel() for p in model.parameters()) + sum(  # always-sparse layers at full size
-        m.in_features * m.out_features - getattr(m, m.regrow_sparse_parameter).numel()
+        m.rows * m.cols - getattr(m, m.regrow_sparse_parameter).numel()
         for m in model.modules() if _is_sparse_layer(m))
     return {"report": exported.regrow_export_report, **saved,
             "params": sum(p.numel() for p in exported.parameters()), "dense_params": dense_params}
