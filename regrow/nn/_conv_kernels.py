@@ -70,12 +70,50 @@ static inline float hsum(v8 v) {
     return s;
 }
 
-/* Forward tile: P output positions (consecutive ow) x 16 lanes, over taps s..e; tp[t] is the
-   tap's input pixel offset from the tile's first input pixel (times B: floats), step the
-   distance in floats between the input pixels of consecutive output positions (sw * B). */
+/* 8x8 transpose in registers: r[i][j] -> r[j][i]. */
+static inline void transpose8(v8 r[8]) {
+    typedef int32_t v8i __attribute__((vector_size(32)));
+    v8 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {   /* pairs of rows, interleaved within 128-bit lanes */
+        t[i] = __builtin_shuffle(r[i], r[i + 1], (v8i){0, 8, 1, 9, 4, 12, 5, 13});
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], (v8i){2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int i = 0; i < 8; i += 4)     /* quads of rows */
+        for (int h = 0; h < 2; ++h) {
+            u[i + 2 * h] = __builtin_shuffle(t[i + h], t[i + h + 2], (v8i){0, 1, 8, 9, 4, 5, 12, 13});
+            u[i + 2 * h + 1] = __builtin_shuffle(t[i + h], t[i + h + 2], (v8i){2, 3, 10, 11, 6, 7, 14, 15});
+        }
+    /* u[k], u[k + 4] (k < 4): columns k and k + 4 of rows 0-3 and of rows 4-7, by 128-bit lane */
+    for (int k = 0; k < 4; ++k) {
+        r[k] = __builtin_shuffle(u[k], u[k + 4], (v8i){0, 1, 2, 3, 8, 9, 10, 11});
+        r[k + 4] = __builtin_shuffle(u[k], u[k + 4], (v8i){4, 5, 6, 7, 12, 13, 14, 15});
+    }
+}
+
+/* Forward tiles write y in NCHW (what BatchNorm, the usual next op, reads fastest; no separate
+   layout pass). tp[t] is tap t's input pixel offset from the tile's first input pixel (times B:
+   floats), step the distance in floats between the input pixels of consecutive output
+   positions (sw * B), ys the distance between samples in y (O * Ho * Wo).
+   fwd_tile8: 8 positions x 8 samples, transposed in registers so that each sample's 8
+   positions are one contiguous store. */
+static inline void fwd_tile8(int64_t s, int64_t e, const int32_t *tp, const float *w, const float *x,
+                             int64_t step, int64_t B, float b, float *y, int64_t ys) {
+    v8 acc[8];
+    for (int p = 0; p < 8; ++p) acc[p] = (v8){0} + b;
+    for (int64_t t = s; t < e; ++t) {
+        const float wt = w[t];
+        const float *xp = x + (int64_t)tp[t] * B;
+        for (int p = 0; p < 8; ++p) acc[p] += wt * LD(xp + p * step);
+    }
+    transpose8(acc);
+    for (int i = 0; i < 8; ++i) ST(y + i * ys, acc[i]);
+}
+
+/* Row ends: P positions x 16 samples, stored element by element. */
 #define DEFINE_FWD_TILE(P)                                                                      \
 static inline void fwd_tile##P(int64_t s, int64_t e, const int32_t *tp, const float *w,         \
-                               const float *x, int64_t step, int64_t B, float b, float *y) {    \
+                               const float *x, int64_t step, int64_t B, float b, float *y,      \
+                               int64_t ys) {                                                    \
     v8 acc[P][2];                                                                               \
     for (int p = 0; p < P; ++p) acc[p][0] = acc[p][1] = (v8){0} + b;                            \
     for (int64_t t = s; t < e; ++t) {                                                           \
@@ -86,7 +124,11 @@ static inline void fwd_tile##P(int64_t s, int64_t e, const int32_t *tp, const fl
             acc[p][1] += wt * LD(xp + p * step + 8);                                            \
         }                                                                                       \
     }                                                                                           \
-    for (int p = 0; p < P; ++p) { ST(y + p * B, acc[p][0]); ST(y + p * B + 8, acc[p][1]); }     \
+    for (int p = 0; p < P; ++p)                                                                 \
+        for (int u = 0; u < 8; ++u) {                                                           \
+            y[u * ys + p] = acc[p][0][u];                                                       \
+            y[(u + 8) * ys + p] = acc[p][1][u];                                                 \
+        }                                                                                       \
 }
 DEFINE_FWD_TILE(4)
 DEFINE_FWD_TILE(1)
@@ -108,7 +150,7 @@ static int32_t *tap_offsets(int64_t n, const int32_t *col, const int64_t *g) {
 int conv_forward(const int64_t *g, const int64_t *crow, const int32_t *col, const float *w,
                  const float *x, const float *bias, float *y, int nthreads) {
     const int64_t Wp = g[G_WP], O = g[G_O], Ho = g[G_HO], Wo = g[G_WO], B = g[G_B];
-    const int64_t sh = g[G_SH], sw = g[G_SW];
+    const int64_t sh = g[G_SH], sw = g[G_SW], ys = O * Ho * Wo;
     int32_t *tp = tap_offsets(crow[O], col, g);
     if (!tp) return -1;
     const int64_t n_chunks = (B + BC - 1) / BC;
@@ -120,18 +162,23 @@ int conv_forward(const int64_t *g, const int64_t *crow, const int32_t *col, cons
             for (int64_t o = 0; o < O; ++o) {
                 const int64_t s = crow[o], e = crow[o + 1];
                 const float b = bias ? bias[o] : 0.0f;
-                float *yrow = y + (o * Ho + oh) * Wo * B + b0;
+                float *yrow = y + b0 * ys + (o * Ho + oh) * Wo;   /* y[b0, o, oh, 0] */
                 int64_t ow = 0;
                 if (nb == BC) {
-                    for (; ow + 4 <= Wo; ow += 4) fwd_tile4(s, e, tp, w, xrow + ow * sw * B, sw * B, B, b, yrow + ow * B);
-                    for (; ow < Wo; ++ow) fwd_tile1(s, e, tp, w, xrow + ow * sw * B, sw * B, B, b, yrow + ow * B);
+                    for (; ow + 8 <= Wo; ow += 8) {
+                        const float *xt = xrow + ow * sw * B;
+                        fwd_tile8(s, e, tp, w, xt, sw * B, B, b, yrow + ow, ys);
+                        fwd_tile8(s, e, tp, w, xt + 8, sw * B, B, b, yrow + 8 * ys + ow, ys);
+                    }
+                    for (; ow + 4 <= Wo; ow += 4) fwd_tile4(s, e, tp, w, xrow + ow * sw * B, sw * B, B, b, yrow + ow, ys);
+                    for (; ow < Wo; ++ow) fwd_tile1(s, e, tp, w, xrow + ow * sw * B, sw * B, B, b, yrow + ow, ys);
                 }
                 for (; ow < Wo; ++ow)
                     for (int64_t u = 0; u < nb; ++u) {
                         float acc = b;
                         for (int64_t t = s; t < e; ++t)
                             acc = __builtin_fmaf(w[t], xrow[ow * sw * B + (int64_t)tp[t] * B + u], acc);
-                        yrow[ow * B + u] = acc;
+                        yrow[u * ys + ow] = acc;
                     }
             }
         }
@@ -246,25 +293,6 @@ int conv_backward(const int64_t *g, const int64_t *bptr, const int32_t *brow, co
    channels_last, a view) into dst [C, H + 2 ph, W + 2 pw, B] with a zero border;
    from_batch_inner: the interior of src [C, Hp, Wp, B] (offset ph, pw) into a contiguous NCHW
    dst [B, C, H, W]. The batch-innermost row (Wp * B floats) stays in L1 meanwhile. */
-static inline void transpose8(v8 r[8]) {
-    typedef int32_t v8i __attribute__((vector_size(32)));
-    v8 t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {   /* pairs of rows, interleaved within 128-bit lanes */
-        t[i] = __builtin_shuffle(r[i], r[i + 1], (v8i){0, 8, 1, 9, 4, 12, 5, 13});
-        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], (v8i){2, 10, 3, 11, 6, 14, 7, 15});
-    }
-    for (int i = 0; i < 8; i += 4)     /* quads of rows */
-        for (int h = 0; h < 2; ++h) {
-            u[i + 2 * h] = __builtin_shuffle(t[i + h], t[i + h + 2], (v8i){0, 1, 8, 9, 4, 5, 12, 13});
-            u[i + 2 * h + 1] = __builtin_shuffle(t[i + h], t[i + h + 2], (v8i){2, 3, 10, 11, 6, 7, 14, 15});
-        }
-    /* u[k], u[k + 4] (k < 4): columns k and k + 4 of rows 0-3 and of rows 4-7, by 128-bit lane */
-    for (int k = 0; k < 4; ++k) {
-        r[k] = __builtin_shuffle(u[k], u[k + 4], (v8i){0, 1, 2, 3, 8, 9, 10, 11});
-        r[k + 4] = __builtin_shuffle(u[k], u[k + 4], (v8i){4, 5, 6, 7, 12, 13, 14, 15});
-    }
-}
-
 void to_batch_inner(int64_t B, int64_t C, int64_t H, int64_t W, const int64_t *st, const float *src,
                     int64_t ph, int64_t pw, float *dst, int nthreads) {
     const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, sb = st[0], sw = st[3];
@@ -399,12 +427,12 @@ class ConvKernels:
 
     def forward(self, x_p: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, topo,
                 kernel_size, stride, dilation, out_size) -> torch.Tensor:
-        """The convolution of padded batch-innermost ``x_p`` [C, Hp, Wp, B], as contiguous
-        NCHW [B, O, Ho, Wo] (what BatchNorm, the usual next op, reads fastest)."""
+        """The convolution of padded batch-innermost ``x_p`` [C, Hp, Wp, B], written as
+        contiguous NCHW [B, O, Ho, Wo] (what BatchNorm, the usual next op, reads fastest)."""
         batch, (ho, wo), out_ch = x_p.shape[3], out_size, topo.out_channels
-        y = hugepages.empty(out_ch, ho, wo, batch)
+        y = hugepages.empty(batch, out_ch, ho, wo)
         if y.numel() == 0:
-            return y.permute(3, 0, 1, 2).contiguous()
+            return y
         g = _geometry(x_p, out_ch, out_size, kernel_size, stride, dilation)
         values = values.detach().contiguous()
         bias = None if bias is None else bias.detach().contiguous()
@@ -412,7 +440,7 @@ class ConvKernels:
                          x_p.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                          torch.get_num_threads()) != 0:
             raise MemoryError("conv_forward: no memory for the tap offsets")
-        return self.to_nchw(y)
+        return y
 
     def backward(self, x_p: torch.Tensor, values: torch.Tensor, topo, grad_y: torch.Tensor, kernel_size,
                  stride, padding, dilation, want_x: bool, want_v: bool
