@@ -76,14 +76,15 @@ def test_grad_at_and_grad_rows_equal_the_dense_kernel_gradient(geometry, dtype):
 
 
 # -- the same decisions as the masked backend ----------------------------------------------------
-def twin_targets(seed: int, geometry: dict, optimizer=lambda p: torch.optim.SGD(p, lr=0.1)):
+def twin_targets(seed: int, geometry: dict, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), dtype=torch.float64):
     """One conv layer two ways: SparseConv2d (from_dense of a masked random kernel) and an
-    nn.Conv2d whose masked-backend target has the same mask; float64, so no near-ties."""
+    nn.Conv2d whose masked-backend target has the same mask; float64 by default, so no near-ties
+    (float32 on the CPU takes the compiled kernels' route)."""
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64)
+    weight = torch.randn(6, 4, 3, 3, generator=gen, dtype=dtype)
     mask = torch.rand(weight.shape, generator=gen) < 0.3
     layer = SparseConv2d.from_dense(weight, None, mask, **geometry)
-    conv = nn.Conv2d(4, 6, 3, bias=False, dtype=torch.float64, **geometry)
+    conv = nn.Conv2d(4, 6, 3, bias=False, dtype=dtype, **geometry)
     with torch.no_grad():
         conv.weight.copy_(weight * mask)
     opt_s, opt_m = optimizer(layer.parameters()), optimizer(conv.parameters())
@@ -104,15 +105,26 @@ METHODS = [("set", {"grow_init": "zero"}), ("gse", {"sampling": "uniform"}), ("g
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("method_name, options", METHODS)
 def test_every_sparse_method_makes_the_masked_backends_decisions_on_a_conv(method_name, options, geometry):
-    (layer, t_s, _), (conv, t_m, _) = twin_targets(3, geometry)
+    check_same_decisions(method_name, options, geometry, torch.float64)
+
+
+@pytest.mark.parametrize("method_name, options", [("rigl", {}), ("gse", {"sampling": "grabo"}), ("srigl", {})])
+def test_the_compiled_float32_route_makes_the_same_decisions(method_name, options):
+    check_same_decisions(method_name, options, GEOMETRIES[1], torch.float32)
+
+
+def check_same_decisions(method_name: str, options: dict, geometry: dict, dtype: torch.dtype) -> None:
+    """Three updates of the twin layers on the same batches and seeds: equal topology and values
+    after each, N kept (SRigL: constant taps per channel), the same ever-active count."""
+    (layer, t_s, _), (conv, t_m, _) = twin_targets(3, geometry, dtype=dtype)
     methods = [make_method(method_name, options), make_method(method_name, options)]
     for method in methods:   # both start from the SparseConv2d's own budget and fan-in
         method.attach([t_s])
     gen = torch.Generator().manual_seed(0)
     ablated = 0
     for update in range(1, 4):
-        x = torch.randn(3, 4, 9, 9, generator=gen, dtype=torch.float64)
-        g = torch.randn(layer(x).shape, generator=gen, dtype=torch.float64)
+        x = torch.randn(3, 4, 9, 9, generator=gen, dtype=dtype)
+        g = torch.randn(layer(x).shape, generator=gen, dtype=dtype)
         before = set(t_s.active_indices().tolist())
         for lay, tgt, method in ((layer, t_s, methods[0]), (conv, t_m, methods[1])):
             ctx = UpdateContext(step=10 * update, fraction=0.3, generator=torch.Generator().manual_seed(update), seed=7)
