@@ -11,25 +11,29 @@ on a zero-padded input, and, transposed, ``grad_x[c, ...] += w * grad_y[o, oh, o
 O(N * B * Ho * Wo) for N active taps; nothing of the dense kernel's size is ever made, nor
 any im2col matrix.
 
-Layout: batch innermost, ``x`` as ``[C, Hp, Wp, B]`` and ``y``, ``grad_y`` as ``[O, Ho, Wo,
-B]``. Then every tap at every output position is one contiguous B-wide multiply-add, whatever
-the stride and dilation (the layout SparseLinear's kernels use, [features, B]). Width
-innermost would vectorise over ``Wo`` only: 8 lanes at a ResNet's 8x8 stage, and strided
-loads at stride 2. The batch is cut into chunks of 16 lanes (one 64-byte cache line, two
-AVX2 registers): one chunk of one output row for all output channels reads about ``C * kh *
-Wp * 64`` bytes of input (420-490 KB for the ResNet stages at 32x32, 16x16 and 8x8), which stays
-in a core's L2 while every output channel's taps read it.
+Layout: batch innermost inside the kernels, ``x`` as ``[C, Hp, Wp, B]`` and ``grad_y`` as ``[O,
+Ho, Wo, B]``. Then every tap at every output position is one contiguous multiply-add over the
+samples, whatever the stride and dilation (the layout SparseLinear's kernels use, [features,
+B]). Width innermost would vectorise over ``Wo`` only: 8 lanes at a ResNet's 8x8 stage, and
+strided loads at stride 2. The batch is cut into chunks of 16 lanes (one 64-byte cache line, two
+AVX2 registers): one chunk of one output row for all output channels reads about ``C * kh * Wp *
+64`` bytes of input (420-490 KB for the ResNet stages at 32x32, 16x16 and 8x8), which stays in a
+core's L2 while every output channel's taps read it. Outputs and input gradients leave as
+contiguous NCHW (what BatchNorm, the usual neighbour, reads fastest).
 
-* ``conv_forward``: per (batch chunk, output row), every output channel; a register tile of
-  4 output positions x 16 lanes accumulates over the channel's taps (CSR order) and is
-  written once, bias included.
+* ``conv_forward``: per (batch chunk, output row), every output channel; register tiles of 8
+  output positions x 8 samples accumulate over the channel's taps (CSR order), bias included,
+  and are transposed in registers so that each sample's 8 positions are one store into NCHW
+  ``y`` (row ends: tiles of 4 and 1 positions x 16 samples).
 * ``conv_backward``: per (batch chunk, output row), the input channels split among threads
   (no two threads write the same ``grad_x`` or weight-gradient entry). Each channel's taps are
   grouped by kernel offset (``c``, ``i``, ``j``), then output channel: for a tile of 2 output
   positions the input pixels the offset reads are loaded once and held in registers, each tap
   loads its ``grad_y`` tile once and uses it twice, for the input gradient (accumulated in
-  registers, added to ``grad_x`` once per offset) and for its weight gradient (a dot product
-  with the held input pixels) -- the fused backward of SparseLinear's ``spmm_bwd_fused``.
+  registers, added to ``grad_x`` once per offset) and for its weight gradient (8 partial sums
+  per tap, summed once per row) -- the fused backward of SparseLinear's ``spmm_bwd_fused``.
+* ``to_batch_inner`` / ``from_batch_inner``: NCHW (any strides) to the padded batch-innermost
+  copy and back, 8 x 8 blocks at a time through the same register transpose.
 
 Threads: ``torch.get_num_threads()`` (OpenMP). Batch sizes that are not a multiple of 16 and
 output rows that are not a multiple of the tile finish in scalar loops (explicit fma, the same
