@@ -75,6 +75,23 @@ def test_grad_at_and_grad_rows_equal_the_dense_kernel_gradient(geometry, dtype):
         t.grad_at(flat)
 
 
+def test_grad_at_never_builds_the_dense_kernel_gradient():
+    from test_sparse_conv import _Sizes   # the largest strided tensor any op produces
+    layer = SparseConv2d(32, 32, 5, fan_in=8, seed=1)
+    t = SparseConv2dTarget("conv.values", layer, OptimizerStateMasker(torch.optim.SGD(layer.parameters(), lr=0.1)))
+    t.arm_capture()
+    layer(torch.randn(1, 32, 5, 5)).sum().backward()
+    flat = torch.randint(t.numel, (200,))   # 200 taps of the 25600 of the dense kernel
+    sizes = _Sizes()
+    with sizes:
+        t.grad_at(flat)
+    # one offset's slice of the asked channels (<= 32 x 1) and the 200 taps: far below out x in
+    assert 0 < sizes.largest < 32 * 32
+    with sizes:
+        block = t.grad_rows(0, 2)
+    assert block.shape == (2, 32 * 25) and sizes.largest <= 2 * 32 * 25
+
+
 # -- the same decisions as the masked backend ----------------------------------------------------
 def twin_targets(seed: int, geometry: dict, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), dtype=torch.float64):
     """One conv layer two ways: SparseConv2d (from_dense of a masked random kernel) and an
