@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
@@ -73,6 +75,32 @@ def test_grad_at_and_grad_rows_equal_the_dense_kernel_gradient(geometry, dtype):
     assert not t.grad_available()
     with pytest.raises(RuntimeError, match="no inputs/output gradients were captured for 'conv.values'"):
         t.grad_at(flat)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), in_c=st.integers(1, 5), out_c=st.integers(1, 6), kh=st.integers(1, 4),
+       kw=st.integers(1, 4), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       batch=st.integers(1, 4), calls=st.integers(1, 2), block=st.integers(1, 6))
+def test_captured_gradients_equal_autograd_on_random_geometries(seed, in_c, out_c, kh, kw, stride, padding, dilation,
+                                                                 batch, calls, block):
+    gen = torch.Generator().manual_seed(seed)
+    layer = SparseConv2d(in_c, out_c, (kh, kw), stride, padding, dilation, density=0.5, seed=seed % 1000,
+                         dtype=torch.float64)
+    t = SparseConv2dTarget("conv.values", layer, OptimizerStateMasker(torch.optim.SGD(layer.parameters(), lr=0.1)))
+    size = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)   # the smallest input the kernel fits
+    xs = [torch.randn(batch, in_c, size[0] + i, size[1] + 2 * i, generator=gen, dtype=torch.float64)
+          for i in range(calls)]
+    t.arm_capture()
+    ys = [layer(x) for x in xs]
+    gs = [torch.randn(y.shape, generator=gen, dtype=torch.float64) for y in ys]
+    sum((y * g).sum() for y, g in zip(ys, gs)).backward()
+    dense = dense_kernel_grad(layer, list(zip(xs, gs)))
+    flat = torch.randint(t.numel, (40,), generator=gen)
+    torch.testing.assert_close(t.grad_at(flat), dense.reshape(-1)[flat], atol=1e-10, rtol=1e-10)
+    start = int(torch.randint(out_c, (1,), generator=gen))
+    stop = min(out_c, start + block)
+    torch.testing.assert_close(t.grad_rows(start, stop), dense[start:stop], atol=1e-10, rtol=1e-10)
 
 
 def test_grad_at_never_builds_the_dense_kernel_gradient():
