@@ -1,7 +1,7 @@
 """Compile-once, load-with-ctypes machinery shared by regrow's C kernels.
 
-``regrow.nn._kernels`` (condensed layers) and ``regrow.nn._sparse_kernels`` (SparseLinear) each
-hold a small C source. On first use it is compiled with the system compiler into a per-user
+``regrow.nn._kernels`` (condensed layers), ``regrow.nn._sparse_kernels`` (SparseLinear) and
+``regrow.nn._conv_kernels`` (SparseConv2d) each hold a small C source. On first use it is compiled with the system compiler into a per-user
 cache, keyed by a hash of (source, compiler, flags, CPU), and loaded through ``ctypes``. Any
 failure becomes :class:`KernelUnavailable` with a one-line reason; the callers then use their
 pure-PyTorch paths. One meaning per environment variable, for both kernels:
@@ -32,6 +32,10 @@ COMPILE_TIMEOUT_S = 300
 _OFF = ("", "0", "false", "no", "off")
 
 T = TypeVar("T")
+
+#: OpenMP kernels try these in order: the native build, then a portable one for compilers that
+#: reject -march=native.
+OPENMP_FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"))
 
 
 class KernelUnavailable(Exception):
@@ -133,6 +137,19 @@ def compile_and_load(stem: str, source: str, flag_sets: Sequence[Sequence[str]],
     raise KernelUnavailable("; ".join(dict.fromkeys(errors)) or "unknown failure")
 
 
-def warn_unavailable(what: str, reason: str, fallback: str) -> None:
+def warn_unavailable(what: str, reason: str, fallback: str, stacklevel: int = 3) -> None:
     """The one warning a kernel module gives when its kernel cannot be used."""
-    warnings.warn(f"regrow: {what} unavailable ({reason}); {fallback}", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"regrow: {what} unavailable ({reason}); {fallback}", RuntimeWarning, stacklevel=stacklevel)
+
+
+def load_or_none(stem: str, source: str, flag_sets: Sequence[Sequence[str]],
+                 wrap: Callable[[ctypes.CDLL, Path, list[str]], T], what: str, fallback: str
+                 ) -> tuple[T | None, str | None]:
+    """What a kernel module's ``load()`` does: ``(compile_and_load(...), None)``, or ``(None,
+    reason)`` after one warning (none when the user disabled the kernels). Never raises."""
+    try:
+        return compile_and_load(stem, source, flag_sets, wrap), None
+    except KernelUnavailable as exc:
+        if not exc.quiet:   # stacklevel: the warning names the caller of the module's load()
+            warn_unavailable(what, exc.reason, fallback, stacklevel=4)
+        return None, exc.reason

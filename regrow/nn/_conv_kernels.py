@@ -354,8 +354,6 @@ void from_batch_inner(int64_t B, int64_t C, int64_t H, int64_t W, const float *s
 }
 """
 
-# Tried in order: the native build, then a portable one for compilers that reject -march=native.
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
 _failure: str | None = None
 # per topology: the taps grouped by (input channel, kernel offset) for the backward
 _BACKWARD_ORDER: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
@@ -469,15 +467,10 @@ class ConvKernels:
 def load() -> ConvKernels | None:
     """The compiled kernels, or None (once, with a warning) when they cannot be built; never raises."""
     global _failure
-    _failure = None
-    try:
-        return _cbuild.compile_and_load("sparse_conv", _SOURCE, _FLAG_SETS,
-                                        lambda lib, path, flags: ConvKernels(lib, path))
-    except _cbuild.KernelUnavailable as exc:
-        _failure = exc.reason
-        if not exc.quiet:
-            _cbuild.warn_unavailable("SparseConv2d kernels", exc.reason, "falling back to torch.sparse")
-        return None
+    kernels, _failure = _cbuild.load_or_none("sparse_conv", _SOURCE, _cbuild.OPENMP_FLAG_SETS,
+                                             lambda lib, path, flags: ConvKernels(lib, path),
+                                             "SparseConv2d kernels", "falling back to the torch route")
+    return kernels
 
 
 def load_for(*tensors: torch.Tensor | None) -> ConvKernels | None:

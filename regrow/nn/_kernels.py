@@ -247,14 +247,9 @@ def load() -> CondensedKernel | None:
     leave the reason in :func:`unavailable_reason` and the PyTorch path in charge.
     """
     global _failure
-    _failure = None
-    try:
-        return _cbuild.compile_and_load("condensed", _SOURCE, _FLAG_SETS, _check_abi)
-    except _cbuild.KernelUnavailable as exc:
-        _failure = exc.reason
-        if not exc.quiet:
-            _cbuild.warn_unavailable("condensed kernel", exc.reason, "using the PyTorch path")
-        return None
+    kernel, _failure = _cbuild.load_or_none("condensed", _SOURCE, _FLAG_SETS, _check_abi,
+                                            "condensed kernel", "using the PyTorch path")
+    return kernel
 
 
 def unavailable_reason() -> str | None:

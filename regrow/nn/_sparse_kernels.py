@@ -296,8 +296,7 @@ void scatter32(int64_t n, const int32_t *perm, const uint32_t *src, uint32_t *ds
 
 """
 
-# Tried in order: the native build, then a portable one for compilers that reject -march=native.
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+_FLAG_SETS = _cbuild.OPENMP_FLAG_SETS
 _failure: str | None = None
 
 
@@ -419,15 +418,10 @@ def load() -> SparseKernels | None:
     leave the reason in :func:`unavailable_reason` and torch.sparse in charge.
     """
     global _failure
-    _failure = None
-    try:
-        return _cbuild.compile_and_load("sparse_linear", _SOURCE, _FLAG_SETS,
-                                        lambda lib, path, flags: SparseKernels(lib, path))
-    except _cbuild.KernelUnavailable as exc:
-        _failure = exc.reason
-        if not exc.quiet:
-            _cbuild.warn_unavailable("SparseLinear kernels", exc.reason, "falling back to torch.sparse")
-        return None
+    kernels, _failure = _cbuild.load_or_none("sparse_linear", _SOURCE, _FLAG_SETS,
+                                             lambda lib, path, flags: SparseKernels(lib, path),
+                                             "SparseLinear kernels", "falling back to torch.sparse")
+    return kernels
 
 
 def unavailable_reason() -> str | None:
