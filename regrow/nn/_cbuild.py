@@ -1,10 +1,11 @@
 """Compile-once, load-with-ctypes machinery shared by regrow's C kernels.
 
 ``regrow.nn._kernels`` (condensed layers), ``regrow.nn._sparse_kernels`` (SparseLinear) and
-``regrow.nn._conv_kernels`` (SparseConv2d) each hold a small C source. On first use it is compiled with the system compiler into a per-user
-cache, keyed by a hash of (source, compiler, flags, CPU), and loaded through ``ctypes``. Any
-failure becomes :class:`KernelUnavailable` with a one-line reason; the callers then use their
-pure-PyTorch paths. One meaning per environment variable, for both kernels:
+``regrow.nn._conv_kernels`` (SparseConv2d) each hold a small C source. On first use it is
+compiled with the system compiler into a per-user cache, keyed by a hash of (source, compiler,
+flags, CPU), and loaded through ``ctypes``. Any failure becomes :class:`KernelUnavailable` with
+a one-line reason; the callers then use their pure-PyTorch paths. One meaning per environment
+variable, for all of them:
 
 * ``REGROW_DISABLE_KERNEL``: any value but empty, ``0``, ``false``, ``no`` or ``off`` disables
   the compiled kernels (callers fall back without a warning: it was asked for).
