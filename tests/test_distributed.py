@@ -59,6 +59,9 @@ SPARSE_SCENARIOS = {
     "gse-sparse": ("gse", {}, "sparse"),
     "gse-grabo-sparse": ("gse", {"sampling": "grabo"}, "sparse"),
     "set-sparse": ("set", {}, "sparse"),
+    # SparseConv2d: tap gradients per kernel offset, RigL's blocks and GraBo's |grad| sums averaged
+    "rigl-sparse-cnn": ("rigl", {}, "sparse_cnn"),
+    "gse-grabo-sparse-cnn": ("gse", {"sampling": "grabo"}, "sparse_cnn"),
 }
 ALL_SCENARIOS = {**SCENARIOS, **SPARSE_SCENARIOS, **STATIC}
 
@@ -111,6 +114,11 @@ def make_model(kind: str) -> nn.Module:
         from regrow.nn.sparse_linear import SparseLinear
         return nn.Sequential(nn.Flatten(), SparseLinear(64, 48, 0.3, seed=1), nn.ReLU(),
                              SparseLinear(48, 32, 0.3, seed=2), nn.ReLU(), SparseLinear(32, 10, 0.5, seed=3))
+    if kind == "sparse_cnn":
+        from regrow.nn import SparseConv2d, SparseLinear
+        return nn.Sequential(SparseConv2d(1, 8, 3, density=0.3, seed=1), nn.ReLU(),
+                             SparseConv2d(8, 8, 3, density=0.3, seed=2), nn.ReLU(), nn.Flatten(),
+                             SparseLinear(8 * 4 * 4, 10, 0.5, seed=3))
     return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
                          nn.Linear(8 * 4 * 4, 10))
 
