@@ -29,8 +29,9 @@ def make_target(found: Sparsifiable, budget: int, optimizer_state: OptimizerStat
     """The backend target for one sparsifiable parameter.
 
     ``regrow.nn.SparseLinear`` and ``regrow.nn.SparseConv2d`` get the sparse backend (their
-    count is their own: ``budget`` is not used). Another layer that stores its weight sparsely can provide ``make_regrow_target(name,
-    budget, optimizer_state)``; every other parameter is handled by the masked backend.
+    count is their own: ``budget`` is not used). Another layer that stores its weight sparsely
+    can provide ``make_regrow_target(name, budget, optimizer_state)``; every other parameter is
+    handled by the masked backend.
     """
     for layer_type, target_type in _SPARSE_TARGETS.items():
         if isinstance(found.module, layer_type):
