@@ -98,3 +98,15 @@ def update_once(layer: nn.Module, target, method, x: torch.Tensor, grad_out: tor
     method.after_update([target], ctx)
     target.release()
     layer.zero_grad()
+
+
+def masked_conv_reference(layer, x: torch.Tensor, grad_out: torch.Tensor):
+    """``[y, grad_x, active-tap gradients, grad_bias or None]`` of the dense convolution that a
+    SparseConv2d stands for (F.conv2d with its to_dense() kernel: a masked nn.Conv2d)."""
+    x = x.detach().clone().requires_grad_()
+    w = layer.to_dense().requires_grad_()
+    b = None if layer.bias is None else layer.bias.detach().clone().requires_grad_()
+    y = torch.nn.functional.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)
+    grads = torch.autograd.grad(y, [x, w] + ([b] if b is not None else []), grad_out)
+    gw = grads[1].reshape(layer.out_channels, -1)[layer.row_indices.long(), layer.col_indices.long()]
+    return [y.detach(), grads[0], gw, grads[2] if b is not None else None]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import masked_conv_reference
 from regrow.nn import SparseConv2d, _conv_kernels, sparse_conv
 
 pytestmark = pytest.mark.skipif(_conv_kernels.load() is None,
@@ -30,16 +31,6 @@ def _run(layer: SparseConv2d, x: torch.Tensor, grad_out: torch.Tensor, want_x=Tr
         out.append(grads.pop(0) if on else None)
     layer.values.requires_grad_(True)
     return out
-
-
-def _masked_dense(layer: SparseConv2d, x: torch.Tensor, grad_out: torch.Tensor):
-    x = x.detach().clone().requires_grad_()
-    w = layer.to_dense().requires_grad_()
-    b = None if layer.bias is None else layer.bias.detach().clone().requires_grad_()
-    y = F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)
-    grads = torch.autograd.grad(y, [x, w] + ([b] if b is not None else []), grad_out)
-    gw = grads[1].reshape(layer.out_channels, -1)[layer.row_indices.long(), layer.col_indices.long()]
-    return [y.detach(), grads[0], gw, grads[2] if b is not None else None]
 
 
 def _torch_route(monkeypatch):
@@ -70,7 +61,7 @@ def test_compiled_equals_torch_route_and_masked_conv(in_c, out_c, kh, kw, sh, sw
     grad_out = torch.randn(batch, out_c, *layer.output_size(h, w), generator=gen)
     compiled = _run(layer, x, grad_out)
     assert compiled[2].shape == layer.values.shape   # active taps only
-    _assert_all_close(compiled, _masked_dense(layer, x, grad_out))
+    _assert_all_close(compiled, masked_conv_reference(layer, x, grad_out))
     with pytest.MonkeyPatch.context() as mp:
         _torch_route(mp)
         _assert_all_close(compiled, _run(layer, x, grad_out))
@@ -103,7 +94,7 @@ def test_non_nchw_inputs(layout):
         x = torch.randn(34, 6, 9, 16, generator=gen)[::2, :, :, ::2]
     assert not x.is_contiguous()
     grad_out = torch.randn(17, 7, *layer.output_size(9, 8), generator=gen)
-    _assert_all_close(_run(layer, x, grad_out), _masked_dense(layer, x.contiguous(), grad_out))
+    _assert_all_close(_run(layer, x, grad_out), masked_conv_reference(layer, x.contiguous(), grad_out))
 
 
 @pytest.mark.parametrize("want_x,want_v", [(True, False), (False, True)])
@@ -113,7 +104,7 @@ def test_one_gradient_only(want_x, want_v):
     gen = torch.Generator().manual_seed(1)
     x, grad_out = torch.randn(19, 5, 7, 9, generator=gen), torch.randn(19, 6, 7, 9, generator=gen)
     got = _run(layer, x, grad_out, want_x=want_x, want_v=want_v)
-    want = _masked_dense(layer, x, grad_out)
+    want = masked_conv_reference(layer, x, grad_out)
     _assert_all_close(got, [w if on else None for w, on in zip(want, (True, want_x, want_v, False))])
 
 
@@ -145,7 +136,7 @@ def test_disabled_kernels_fall_back_silently(monkeypatch):
             layer = SparseConv2d(3, 4, 3, stride=2, padding=1, density=0.5, seed=5)
             gen = torch.Generator().manual_seed(2)
             x, grad_out = torch.randn(16, 3, 7, 7, generator=gen), torch.randn(16, 4, 4, 4, generator=gen)
-            _assert_all_close(_run(layer, x, grad_out), _masked_dense(layer, x, grad_out))
+            _assert_all_close(_run(layer, x, grad_out), masked_conv_reference(layer, x, grad_out))
     finally:
         monkeypatch.delenv("REGROW_DISABLE_KERNEL")
         _conv_kernels.load.cache_clear()   # later tests load the real kernels (from the cache) again

@@ -11,18 +11,8 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import regrow
+from helpers import masked_conv_reference
 from regrow.nn import SparseConv2d
-
-
-def _dense_reference(layer: SparseConv2d, x: torch.Tensor, grad_out: torch.Tensor):
-    """Output, input gradient, active-tap gradients and bias gradient of the masked dense conv."""
-    x = x.detach().clone().requires_grad_()
-    w = layer.to_dense().requires_grad_()
-    b = None if layer.bias is None else layer.bias.detach().clone().requires_grad_()
-    y = F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation)
-    grads = torch.autograd.grad(y, [x, w] + ([b] if b is not None else []), grad_out)
-    gw = grads[1].reshape(layer.out_channels, -1)[layer.row_indices.long(), layer.col_indices.long()]
-    return y, grads[0], gw, (grads[2] if b is not None else None)
 
 
 @settings(max_examples=30, deadline=None)
@@ -44,7 +34,7 @@ def test_matches_masked_dense_conv(in_c, out_c, kh, kw, sh, sw, ph, pw, dh, dw, 
     x.requires_grad_()
     y = layer(x)
     grad_out = torch.randn(y.shape, generator=gen)
-    y_ref, gx_ref, gv_ref, gb_ref = _dense_reference(layer, x, grad_out)
+    y_ref, gx_ref, gv_ref, gb_ref = masked_conv_reference(layer, x, grad_out)
     assert y.shape == y_ref.shape
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     grads = torch.autograd.grad(y, [x, layer.values] + ([layer.bias] if bias else []), grad_out)
