@@ -48,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model  # noqa: E402
+from _common import cpu_model, fwd_bwd, interleaved_medians, training_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,17 +89,6 @@ def layer_worker(threads: int, shapes, sparsities, batch: int, rounds: int) -> d
         finally:
             sparse_conv._conv_kernels.load_for = real
 
-    def fwd_bwd(name, layer, x, g):
-        def run():
-            x.grad = None
-            for p in layer.parameters():
-                p.grad = None
-            with torch_route(name == "torch"):
-                y = layer(x)
-                y.backward(g)
-            return y.detach()
-        return run
-
     def rel_err(a, b):
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -134,7 +123,8 @@ def layer_worker(threads: int, shapes, sparsities, batch: int, rounds: int) -> d
                 layers["sparseprop_on"] = (sp_on, lambda: sp_grad(sp_on))
             if kernels is None:
                 del layers["compiled"]
-            variants = {name: fwd_bwd(name, layer, x, g) for name, (layer, _) in layers.items()}
+            variants = {name: fwd_bwd(layer, x, g, lambda on=name == "torch": torch_route(on))
+                        for name, (layer, _) in layers.items()}
 
             ref_y = variants["dense"]()
             ref_gx, ref_gw = x.grad.clone(), layers["dense"][1]().clone()
@@ -144,17 +134,10 @@ def layer_worker(threads: int, shapes, sparsities, batch: int, rounds: int) -> d
                     y = fn()
                     errors[name] = max(rel_err(y, ref_y), rel_err(x.grad, ref_gx), rel_err(layers[name][1](), ref_gw))
 
-            samples = {n: [] for n in variants}
-            for _ in range(rounds):
-                for name, fn in variants.items():
-                    t = time.perf_counter()
-                    fn()
-                    samples[name].append(time.perf_counter() - t)
+            ms, x_dense = interleaved_medians(variants, rounds)
             row = {"shape": f"{channels}->{channels} at {hw}x{hw}", "channels": channels, "hw": hw, "sparsity": s,
                    "nnz": sparse.nnz, "max_rel_error": errors, "sparseprop_conversion_s": conversion_s,
-                   "ms": {n: 1e3 * statistics.median(v) for n, v in samples.items()},
-                   "x_dense": {n: statistics.median(d / v for d, v in zip(samples["dense"], samples[n]))
-                               for n in variants if n != "dense"}}
+                   "ms": ms, "x_dense": x_dense}
             out["rows"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     return out
@@ -163,11 +146,9 @@ def layer_worker(threads: int, shapes, sparsities, batch: int, rounds: int) -> d
 # -- part 2: a ResNet-20 training step, one configuration per process ---------------------------
 def step_worker(backend: str, sparsity: float, batch: int, steps: int, threads: int) -> dict:
     import torch
-    from torch import nn
 
     sys.path.insert(0, str(ROOT))
     from regrow.experiments.config import TrainConfig
-    from regrow.experiments.setup import build_model, make_sparsity
 
     torch.set_num_threads(threads)
     dense = backend == "dense"
@@ -177,17 +158,7 @@ def step_worker(backend: str, sparsity: float, batch: int, steps: int, threads: 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen)
     y = torch.randint(10, (batch,), generator=gen)
-    model = build_model(config, (3, 32, 32), 10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    dst = make_sparsity(config, model, opt, total_steps=10 * (steps + 10))
-
-    def step() -> float:
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        dst.step()
-        return time.perf_counter() - t
-
+    model, dst, step = training_step(config, x, y, 10, total_steps=10 * (steps + 10))
     times = [step() for _ in range(steps + 2)][2:]   # two warm-up steps
     kinds = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("Conv2d", "SparseConv2d")})
     return {"backend": backend, "sparsity": 0.0 if dense else sparsity, "step_s": statistics.median(times),

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ def worker(threads: int, sparsities: list[float], rounds: int, width: int, batch
     from torch import nn
 
     sys.path.insert(0, str(ROOT))
+    from _common import fwd_bwd, interleaved_medians
     from regrow.nn import _sparse_kernels
     from regrow.nn.sparse_linear import SparseLinear
 
@@ -72,17 +72,6 @@ def worker(threads: int, sparsities: list[float], rounds: int, width: int, batch
         finally:
             _sparse_kernels.load = real
 
-    def fwd_bwd(name, layer, x, g):
-        def run():
-            x.grad = None
-            for p in layer.parameters():
-                p.grad = None
-            with route(name):
-                y = layer(x)
-                y.backward(g)
-            return y.detach()
-        return run
-
     out = {"threads": threads, "kernel": kernels is not None, "sparseprop": sp_error or "ok", "rows": []}
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, width, generator=gen).requires_grad_()
@@ -104,7 +93,7 @@ def worker(threads: int, sparsities: list[float], rounds: int, width: int, batch
             sp = SPLinear(dense.weight.detach().clone(), bias=nn.Parameter(dense.bias.detach().clone()))
             conversion_s = time.perf_counter() - t
             layers["sparseprop"] = (sp, lambda: sp.W_val.grad)   # SparseProp stores CSR order too
-        variants = {name: fwd_bwd(name, layer, x, g) for name, (layer, _) in layers.items()}
+        variants = {name: fwd_bwd(layer, x, g, lambda name=name: route(name)) for name, (layer, _) in layers.items()}
 
         # correctness: output, input gradient and weight gradient against the dense layer
         ref_y = variants["dense"]()
@@ -116,18 +105,9 @@ def worker(threads: int, sparsities: list[float], rounds: int, width: int, batch
                 errors[name] = max(float((y - ref_y).abs().max()), float((x.grad - ref_gx).abs().max()),
                                    float((layers[name][1]() - ref_gw).abs().max()))
 
-        samples = {n: [] for n in variants}
-        for fn in variants.values():
-            fn()
-        for _ in range(rounds):
-            for name, fn in variants.items():
-                t = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t)
+        ms, x_dense = interleaved_medians(variants, rounds)
         row = {"sparsity": s, "nnz": sparse.nnz, "max_abs_error": errors, "sparseprop_conversion_s": conversion_s,
-               "ms": {n: 1e3 * statistics.median(v) for n, v in samples.items()},
-               "x_dense": {n: statistics.median(d / v for d, v in zip(samples["dense"], samples[n]))
-                           for n in variants if n != "dense"}}
+               "ms": ms, "x_dense": x_dense}
         out["rows"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return out

@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # as the regrow command does
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, proc_status_bytes  # noqa: E402
+from _common import cpu_model, proc_status_bytes, training_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,11 +36,9 @@ SPARSITIES = (0.9, 0.95, 0.98)
 
 def worker(backend: str, dim: int, depth: int, sparsity: float, batch: int, steps: int, threads: int) -> dict:
     import torch
-    from torch import nn
 
     sys.path.insert(0, str(ROOT))
     from regrow.experiments.config import TrainConfig
-    from regrow.experiments.setup import build_model, make_sparsity
 
     torch.set_num_threads(threads)
     dense = backend == "dense"
@@ -55,16 +53,7 @@ def worker(backend: str, dim: int, depth: int, sparsity: float, batch: int, step
     base = proc_status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:   # reset VmHWM: the peak is this configuration's
         f.write("5")
-    model = build_model(config, (3, 32, 32), 10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    dst = make_sparsity(config, model, opt, total_steps=10 * (steps + 10))
-
-    def step() -> float:
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        dst.step()
-        return time.perf_counter() - t
+    model, dst, step = training_step(config, x, y, 10, total_steps=10 * (steps + 10))
 
     times = [step() for _ in range(steps + 2)][2:]
     update_s = None
