@@ -24,6 +24,19 @@ def proc_status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
+@contextlib.contextmanager
+def patched(obj, name: str, value, on: bool = True):
+    """``obj.<name> = value`` inside the block when ``on`` (a variant with a route switched off),
+    restored after."""
+    real = getattr(obj, name)
+    if on:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, real)
+
+
 def fwd_bwd(layer, x, g, route: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
     """A closure running one forward + backward of ``layer`` on ``x`` (a leaf that requires
     grad) with output gradient ``g``, gradients cleared first, inside ``route()``; it returns

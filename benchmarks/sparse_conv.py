@@ -36,7 +36,6 @@ noisy: variants are timed in turn, round after round; a cell is the median over 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, fwd_bwd, interleaved_medians, training_step  # noqa: E402
+from _common import cpu_model, fwd_bwd, interleaved_medians, patched, training_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,17 +76,6 @@ def layer_worker(threads: int, shapes, sparsities, batch: int, rounds: int) -> d
         SPConv2d, sp_status = None, f"sparseprop not importable ({e}); its columns are skipped"
     else:
         sp_status = "ok"
-
-    @contextlib.contextmanager
-    def torch_route(on: bool):
-        """The torch variant is SparseConv2d with its compiled kernels out of reach."""
-        real = sparse_conv._conv_kernels.load_for
-        if on:
-            sparse_conv._conv_kernels.load_for = lambda *tensors: None
-        try:
-            yield
-        finally:
-            sparse_conv._conv_kernels.load_for = real
 
     def rel_err(a, b):
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -123,7 +111,9 @@ def layer_worker(threads: int, shapes, sparsities, batch: int, rounds: int) -> d
                 layers["sparseprop_on"] = (sp_on, lambda: sp_grad(sp_on))
             if kernels is None:
                 del layers["compiled"]
-            variants = {name: fwd_bwd(layer, x, g, lambda on=name == "torch": torch_route(on))
+            # the torch variant is SparseConv2d with its compiled kernels out of reach
+            variants = {name: fwd_bwd(layer, x, g, lambda on=name == "torch": patched(
+                            sparse_conv._conv_kernels, "load_for", lambda *tensors: None, on))
                         for name, (layer, _) in layers.items()}
 
             ref_y = variants["dense"]()

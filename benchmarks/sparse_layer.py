@@ -21,7 +21,6 @@ the per-round ratios dense / variant.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ def worker(threads: int, sparsities: list[float], rounds: int, width: int, batch
     from torch import nn
 
     sys.path.insert(0, str(ROOT))
-    from _common import fwd_bwd, interleaved_medians
+    from _common import fwd_bwd, interleaved_medians, patched
     from regrow.nn import _sparse_kernels
     from regrow.nn.sparse_linear import SparseLinear
 
@@ -60,17 +59,6 @@ def worker(threads: int, sparsities: list[float], rounds: int, width: int, batch
         SPLinear, sp_error = None, f"sparseprop not importable: {e}"
     else:
         sp_error = None
-
-    @contextlib.contextmanager
-    def route(name):
-        """The torch.sparse variant is SparseLinear with its compiled kernels switched off."""
-        real = _sparse_kernels.load
-        if name == "torch_sparse":
-            _sparse_kernels.load = lambda: None
-        try:
-            yield
-        finally:
-            _sparse_kernels.load = real
 
     out = {"threads": threads, "kernel": kernels is not None, "sparseprop": sp_error or "ok", "rows": []}
     gen = torch.Generator().manual_seed(0)
@@ -93,7 +81,10 @@ def worker(threads: int, sparsities: list[float], rounds: int, width: int, batch
             sp = SPLinear(dense.weight.detach().clone(), bias=nn.Parameter(dense.bias.detach().clone()))
             conversion_s = time.perf_counter() - t
             layers["sparseprop"] = (sp, lambda: sp.W_val.grad)   # SparseProp stores CSR order too
-        variants = {name: fwd_bwd(layer, x, g, lambda name=name: route(name)) for name, (layer, _) in layers.items()}
+        # the torch.sparse variant is SparseLinear with its compiled kernels switched off
+        variants = {name: fwd_bwd(layer, x, g, lambda on=name == "torch_sparse": patched(
+                        _sparse_kernels, "load", lambda: None, on))
+                    for name, (layer, _) in layers.items()}
 
         # correctness: output, input gradient and weight gradient against the dense layer
         ref_y = variants["dense"]()
