@@ -164,3 +164,21 @@ def test_capture_on_the_compiled_route():
                                    rtol=1e-4, atol=1e-4)
     finally:
         layer.disarm_capture()
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Every output and gradient entry is summed by one thread in a fixed order: 1 and 2 threads
+    give the same bits (runs are reproducible whatever torch.set_num_threads says)."""
+    layer = SparseConv2d(6, 8, 3, padding=1, density=0.4, seed=7)
+    gen = torch.Generator().manual_seed(4)
+    x, grad_out = torch.randn(33, 6, 10, 9, generator=gen), torch.randn(33, 8, 10, 9, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_run(layer, x, grad_out))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
