@@ -233,7 +233,8 @@ DEFINE_BWD_TILE(bwd_dw1, 1, 0, 1)
 
 /* bptr [C * kh * kw + 1]: the taps grouped by (input channel, kernel offset), output channel
    ascending within a group; brow: their output channels, bperm: their positions in w / dw.
-   gx (padded [C, Hp, Wp, B]) and dw must be zeroed by the caller; either may be NULL. */
+   dw must be zeroed by the caller; gx (padded [C, Hp, Wp, B]) is zeroed here, each channel by
+   the thread that first writes it (one pass fewer over a fresh buffer). Either may be NULL. */
 int conv_backward(const int64_t *g, const int64_t *bptr, const int32_t *brow, const int32_t *bperm,
                   const float *w, const float *gy, const float *x, float *gx, float *dw, int nthreads) {
     const int64_t C = g[G_C], Hp = g[G_HP], Wp = g[G_WP], Ho = g[G_HO], Wo = g[G_WO], B = g[G_B];
@@ -250,7 +251,10 @@ int conv_backward(const int64_t *g, const int64_t *bptr, const int32_t *brow, co
             const int64_t b0 = bc * BC, nb = B - b0 < BC ? B - b0 : BC;
             const float *gyrow = gy + oh * Wo * B + b0;   /* output channel 0, position (oh, 0) */
             #pragma omp for schedule(dynamic, 1)
-            for (int64_t c = 0; c < C; ++c)
+            for (int64_t c = 0; c < C; ++c) {
+                /* the first item visits every channel: zero its plane before any write (the
+                   barrier after each item orders it before the other threads' later writes) */
+                if (gx && bc == 0 && oh == 0) memset(gx + c * Hp * Wp * B, 0, Hp * Wp * B * sizeof(float));
                 for (int64_t k = 0; k < kk; ++k) {
                     const int64_t s = bptr[c * kk + k], e = bptr[c * kk + k + 1];
                     if (s == e) continue;
@@ -286,11 +290,13 @@ int conv_backward(const int64_t *g, const int64_t *bptr, const int32_t *brow, co
                             if (dw) dw[q] += d;
                         }
                 }
+            }
         }
     }
     free(dacc_all);
     return 0;
 }
+
 /* Layout conversions, parallel over (channel, row), moving 8 samples x 8 pixels at a time
    through an in-register 8x8 transpose (torch's strided copy walks the batch at a stride of
    C * H * W, one element at a time). to_batch_inner: src [B, C, H, W] with any strides (NCHW,
@@ -449,9 +455,12 @@ class ConvKernels:
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(grad_x [B, C, H, W] contiguous, grad_values [N])`` (None where not wanted) from
         ``grad_y`` [B, O, Ho, Wo] (any strides) and the forward's padded input ``x_p``."""
-        gx = hugepages.empty_like(x_p).zero_() if want_x else None
+        gx = hugepages.empty_like(x_p) if want_x else None   # zeroed by conv_backward
         gv = hugepages.empty_like(values).zero_() if want_v else None
-        if (want_x or want_v) and grad_y.numel() and values.numel():
+        if not ((want_x or want_v) and grad_y.numel() and values.numel()):
+            if gx is not None:
+                gx.zero_()
+        else:
             gy = self.to_batch_inner(grad_y)   # [O, Ho, Wo, B]
             bptr, brow, bperm = _backward_order(topo, x_p.shape[0], kernel_size[0] * kernel_size[1])
             g = _geometry(x_p, topo.out_channels, grad_y.shape[2:], kernel_size, stride, dilation)
