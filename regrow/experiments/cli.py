@@ -352,8 +352,9 @@ def cmd_demo(args) -> int:
 
 def cmd_claims(args) -> int:
     from .claims import run_claims
-    command = "regrow claims" + (" --quick" if args.quick else "") + (f" --only {','.join(map(str, args.only))}"
-                                                                        if args.only else "")
+    command = " ".join(["regrow claims"] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
+                       + ["--out", str(args.out)] + (["--doc-dir", str(args.doc_dir)] if args.doc_dir else [])
+                       + (["--quick"] if args.quick else []) + (["--only", ",".join(map(str, args.only))] if args.only else []))
     results = run_claims(args.out, quick=args.quick, only=args.only, data_dir=args.data_dir, seeds=args.seeds,
                          doc_dir=args.doc_dir, command=command, progress=_show_progress(args),
                          log=None if args.quiet else _log(args))

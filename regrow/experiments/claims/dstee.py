@@ -1,9 +1,11 @@
 """The DST-EE paper's claims (Huang et al., arXiv 2211.16667)."""
 from __future__ import annotations
 
+import inspect
 import json
 
 from ...data.graphs import community_graph
+from ...methods.dstee import DSTEE
 from ..linkpred import train_link_prediction
 from . import figures
 from .context import ClaimResult, Context
@@ -12,6 +14,18 @@ from .evidence import at_least, cell, mean_std, pct, rises, table, verdict
 
 # the link-prediction graph of claim 6: 30% of a node's links leave its community, feature noise 4
 HARD_GRAPH = dict(mixing=0.3, feature_noise=4.0)
+DEFAULT_C = inspect.signature(DSTEE.__init__).parameters["c"].default   # the method's own default
+
+
+def _default_advice(default_ok: dict) -> str:
+    """What the sweep says about regrow's default c."""
+    if not default_ok:
+        return ""
+    if all(default_ok.values()):
+        return (f"Default: regrow's c={DEFAULT_C:g} is within one pooled standard deviation of the best c at "
+                f"every sparsity measured, so it stays the default.")
+    worse = [f"{100 * s:g}%" for s, ok in default_ok.items() if not ok]
+    return f"Default: c={DEFAULT_C:g} is behind the best c beyond noise at {', '.join(worse)}; see the table."
 
 
 def exploration(ctx: Context) -> ClaimResult:
@@ -19,7 +33,7 @@ def exploration(ctx: Context) -> ClaimResult:
     cs = ctx.pick([0.0, 1e-4, 1e-3, 1e-2, 1e-1], [0.0, 0.1])
     sparsities = ctx.pick([0.95, 0.98], [0.98])
     runs = ctx.compare(["dstee"], sparsities, vary={"c": cs})
-    rows, series, checks, best = [], {}, [], {}
+    rows, series, checks, best, default_ok = [], {}, [], {}, {}
     for s in sparsities:
         acc = [cell(runs, method="dstee", sparsity=s, c=c) for c in cs]
         itop = [cell(runs, "itop_rate", method="dstee", sparsity=s, c=c) for c in cs]
@@ -27,6 +41,8 @@ def exploration(ctx: Context) -> ClaimResult:
         series[f"{100 * s:g}%"] = (list(range(len(cs))), [a[0] for a in acc], [a[1] for a in acc])
         checks += [rises(cs, [i[0] for i in itop], [i[1] for i in itop]), rises(cs, [a[0] for a in acc], [a[1] for a in acc])]
         best[s] = cs[max(range(len(cs)), key=lambda k: acc[k][0])]
+        if DEFAULT_C in cs:   # is regrow's default within noise of the best c at this sparsity?
+            default_ok[s] = at_least(acc[cs.index(DEFAULT_C)], acc[cs.index(best[s])])
     fig = figures.lines(series, xlabel="c", ylabel="test accuracy (%)", xticks=list(range(len(cs))),
                         title="DST-EE: exploration coefficient c", path=ctx.figures / "claim5_dstee_c.png")
     # tick labels are the c values (0 cannot sit on a log axis)
@@ -37,7 +53,7 @@ def exploration(ctx: Context) -> ClaimResult:
         ctx.describe() + f"; c in {cs} (x axis: their index), sparsities {sparsities}",
         table(["sparsity", "c", "exploration degree (ITOP)", "test accuracy (%)"], rows), verdict(checks),
         f"ITOP and accuracy rising with c (per sparsity, ITOP then accuracy): {checks}; best c by mean "
-        f"accuracy: {best}.",
+        f"accuracy: {best}. " + _default_advice(default_ok),
         "c multiplies ln(t)/(N+eps) against raw gradient magnitudes, so its useful range depends on the "
         "gradient scale of the model and loss; the paper tuned it on CIFAR ResNets.", fig)
 
