@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from . import _conv_kernels
 from ._indexed import IndexedWeights
-from .sparse_linear import _autocast_enabled, _even_counts, constant_fan_in, sampled_grad
+from .sparse_linear import _autocast_enabled, sampled_grad
 
 _MAX_INDEX = 2**31 - 1   # int32 indices
 
@@ -268,34 +268,10 @@ class SparseConv2d(IndexedWeights, nn.Module):
         taps = in_channels * self.kernel_size[0] * self.kernel_size[1]
         if taps > _MAX_INDEX:
             raise ValueError(f"in_channels * kh * kw = {taps} exceeds int32 indices")
-        if (density is None) == (fan_in is None):
-            raise ValueError("give exactly one of density (fraction of taps active) or fan_in (taps per output channel)")
-        if density is not None:
-            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-                raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-            nnz = max(1, round(density * out_channels * taps))
-        else:
-            if isinstance(fan_in, bool) or not isinstance(fan_in, int) or not 1 <= fan_in <= taps:
-                raise ValueError(f"fan_in must be an integer in [1, in_channels*kh*kw={taps}], got {fan_in!r}")
-            nnz = fan_in * out_channels
-        gen = torch.Generator().manual_seed(seed)
-        row, col = constant_fan_in(out_channels, taps, _even_counts(out_channels, nnz, gen), gen)
-        factory = {"device": device, "dtype": dtype}
-        self.values = nn.Parameter(torch.empty(nnz, **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self.register_buffer("row_indices", row.to(device=device, dtype=torch.int32))
-        self.register_buffer("col_indices", col.to(device=device, dtype=torch.int32))
-        self._topo: _ConvTopology | None = None
-        self.reset_parameters(gen)
+        self._init_weights(density, fan_in, bias=bias, seed=seed, device=device, dtype=dtype,
+                           units=("taps", "taps per output channel"), fan_in_limit="in_channels*kh*kw")
 
     # -- construction --------------------------------------------------------------------
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Values and bias from U(-b, b), b = 1/sqrt(mean taps per output channel)."""
-        bound = self.init_bound()
-        self.values.copy_((torch.rand(self.values.shape, generator=generator) * 2 - 1) * bound)
-        if self.bias is not None:
-            self.bias.copy_((torch.rand(self.out_channels, generator=generator) * 2 - 1) * bound)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..core import hugepages
 from . import _sparse_kernels
-from ._indexed import IndexedWeights
+from ._indexed import IndexedWeights, _even_counts, constant_fan_in  # noqa: F401  (public here too)
 
 _MAX_FEATURES = 2**31 - 1   # int32 indices
 
@@ -288,57 +288,6 @@ class _SparseLinearFunction(torch.autograd.Function):
         return grad_x, grad_v, grad_b, None, None
 
 
-def _even_counts(rows: int, nnz: int, gen: torch.Generator) -> torch.Tensor:
-    """Per-row counts summing to nnz that differ by at most one (random rows get the extra)."""
-    counts = torch.full((rows,), nnz // rows, dtype=torch.long)
-    extra = nnz - int(counts.sum())
-    if extra:
-        counts[torch.randperm(rows, generator=gen)[:extra]] += 1
-    return counts
-
-
-def constant_fan_in(rows: int, cols: int, counts: torch.Tensor,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random connections with ``counts[r]`` distinct inputs in row r (counts differ by at most
-    one), as (row, col) int64 sorted by (row, col); each row's inputs are a uniform subset.
-
-    Cost O(N log k) for k = max fan-in when k <= cols / 2 (rejection of repeated columns);
-    otherwise O(rows * cols), which is then at most 2N.
-    """
-    kmax = int(counts.max()) if rows else 0
-    if kmax == 0:
-        empty = torch.empty(0, dtype=torch.long)
-        return empty, empty
-    if kmax > cols:
-        raise ValueError(f"fan-in {kmax} exceeds in_features {cols}")
-    if 2 * kmax > cols:
-        # dense-ish: a uniform k-subset per row from random keys, in row chunks
-        chunk = max(1, (1 << 22) // cols)
-        picked = [torch.rand(min(chunk, rows - s), cols, generator=gen).argsort(1)[:, :kmax]
-                  for s in range(0, rows, chunk)]
-        col = torch.cat(picked).sort(1).values
-    else:
-        col = torch.randint(cols, (rows, kmax), generator=gen).sort(1).values
-        while True:   # redraw repeated columns in the rows that have any
-            dup = torch.zeros_like(col, dtype=torch.bool)
-            dup[:, 1:] = col[:, 1:] == col[:, :-1]
-            bad_rows = dup.any(1).nonzero().squeeze(1)
-            if bad_rows.numel() == 0:
-                break
-            sub, sub_dup = col[bad_rows], dup[bad_rows]
-            sub[sub_dup] = torch.randint(cols, (int(sub_dup.sum()),), generator=gen)
-            col[bad_rows] = sub.sort(1).values
-    keep = torch.ones_like(col, dtype=torch.bool)
-    short = (counts < kmax).nonzero().squeeze(1)
-    if short.numel():
-        # drop one uniformly chosen input from each shorter row (a uniform subset of a uniform subset)
-        if int((kmax - counts).max()) > 1:
-            raise ValueError("constant_fan_in needs per-row counts that differ by at most one")
-        keep[short, torch.randint(kmax, (short.numel(),), generator=gen)] = False
-    row = torch.arange(rows).unsqueeze(1).expand(rows, kmax)
-    return row[keep], col[keep]
-
-
 class SparseLinear(IndexedWeights, nn.Module):
     """A linear layer that stores only its active weights; DynamicSparsity rewires it in place.
 
@@ -373,36 +322,11 @@ class SparseLinear(IndexedWeights, nn.Module):
         for name, n in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _MAX_FEATURES:
                 raise ValueError(f"{name} must be an integer in [1, 2**31 - 1], got {n!r}")
-        if (density is None) == (fan_in is None):
-            raise ValueError("give exactly one of density (fraction of weights active) or fan_in (inputs per neuron)")
-        if density is not None:
-            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-                raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-            nnz = max(1, round(density * out_features * in_features))
-        else:
-            if isinstance(fan_in, bool) or not isinstance(fan_in, int) or not 1 <= fan_in <= in_features:
-                raise ValueError(f"fan_in must be an integer in [1, in_features={in_features}], got {fan_in!r}")
-            nnz = fan_in * out_features
         self.in_features, self.out_features, self.seed = in_features, out_features, seed
-        gen = torch.Generator().manual_seed(seed)
-        row, col = constant_fan_in(out_features, in_features, _even_counts(out_features, nnz, gen), gen)
-        factory = {"device": device, "dtype": dtype}
-        self.values = nn.Parameter(torch.empty(nnz, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.register_buffer("row_indices", row.to(device=device, dtype=torch.int32))
-        self.register_buffer("col_indices", col.to(device=device, dtype=torch.int32))
-        self._topo: _Topology | None = None
-        self.reset_parameters(gen)
+        self._init_weights(density, fan_in, bias=bias, seed=seed, device=device, dtype=dtype,
+                           units=("weights", "inputs per neuron"), fan_in_limit="in_features")
 
     # -- construction --------------------------------------------------------------------
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Values and bias from U(-b, b), b = 1/sqrt(mean fan-in)."""
-        bound = self.init_bound()
-        vals = torch.rand(self.values.shape, generator=generator, dtype=torch.float32) * 2 - 1
-        self.values.copy_(vals * bound)
-        if self.bias is not None:
-            self.bias.copy_((torch.rand(self.out_features, generator=generator) * 2 - 1) * bound)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
