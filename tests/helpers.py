@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import regrow
 
@@ -110,3 +111,21 @@ def masked_conv_reference(layer, x: torch.Tensor, grad_out: torch.Tensor):
     grads = torch.autograd.grad(y, [x, w] + ([b] if b is not None else []), grad_out)
     gw = grads[1].reshape(layer.out_channels, -1)[layer.row_indices.long(), layer.col_indices.long()]
     return [y.detach(), grads[0], gw, grads[2] if b is not None else None]
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest strided tensor any op produces inside the ``with`` block: ``numel``
+    (elements) and ``nbytes`` (bytes; deepcopy's storages are uint8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self.numel = max(self.numel, t.numel())
+                self.nbytes = max(self.nbytes, t.numel() * t.element_size())
+        return out

@@ -5,11 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import regrow
 from regrow.export import export
 from regrow.nn import CondensedLinear, CSRLinear, SparseLinear, sparse_mlp, sparsify
+from helpers import LargestTensor
 
 DIRECT = "read from the layer's indices"
 
@@ -129,31 +129,16 @@ def test_srigl_trained_mlp_with_ablated_rows():
     assert all(DIRECT in r["notes"] for r in out.regrow_export_report)
 
 
-class _Largest(TorchDispatchMode):
-    """The largest strided tensor any op produces, in bytes (deepcopy's storages are uint8)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for t in (result if isinstance(result, (tuple, list)) else (result,)):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return result
-
-
 @pytest.mark.parametrize("fmt, cls", [("condensed", CondensedLinear), ("csr", CSRLinear)])
 def test_no_out_by_in_tensor_for_a_large_layer(fmt, cls):
     # 50,000 x 50,000 at fan-in 4: a dense weight would be 2.5e9 floats (10 GB); N is 200,000
     layer = SparseLinear(50_000, 50_000, fan_in=4, seed=0)
-    sizes = _Largest()
+    sizes = LargestTensor()
     with sizes:
         out = export(layer, {}, fmt)
     assert type(out) is cls
     # the largest is an int64 array of N keys (1.6 MB); 10 MB is far below a 10 GB dense weight
-    assert sizes.largest <= 8 * layer.nnz, f"export built a tensor of {sizes.largest} bytes"
+    assert sizes.nbytes <= 8 * layer.nnz, f"export built a tensor of {sizes.nbytes} bytes"
     x = torch.randn(2, 50_000)
     with torch.no_grad():
         torch.testing.assert_close(out(x), layer(x), atol=1e-5, rtol=1e-5)

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import regrow
-from helpers import masked_conv_reference
+from helpers import LargestTensor, masked_conv_reference
 from regrow.nn import SparseConv2d
 
 
@@ -60,32 +59,17 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(run, (x, values, bias))
 
 
-class _Sizes(TorchDispatchMode):
-    """The largest strided tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_dense_kernel_sized_tensor_in_forward_or_backward():
     # out x in = 1024 and the dense kernel 25600; the input (800), output, N (256) are smaller
     # than even one offset's dense [out, in] slice, so any dense kernel (or slice) would show
     layer = SparseConv2d(32, 32, 5, fan_in=8, seed=1)
     layer.topology()   # built outside: the index structures are N-sized anyway
     x = torch.randn(1, 32, 5, 5, requires_grad=True)
-    sizes = _Sizes()
+    sizes = LargestTensor()
     with sizes:
         y = layer(x)
         y.sum().backward()
-    assert 0 < sizes.largest < 32 * 32
+    assert 0 < sizes.numel < 32 * 32
     assert layer.values.grad.shape == (256,) and x.grad.shape == x.shape
     dense = 32 * 32 * 25
     assert all(t.numel() < dense for t in list(layer.parameters()) + list(layer.buffers()))

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import regrow
-from helpers import update_once
+from helpers import LargestTensor, update_once
 from regrow.backends.masked import MaskedTarget
 from regrow.backends.sparse import SparseConv2dTarget
 from regrow.core.optim_state import OptimizerStateMasker
@@ -104,20 +104,19 @@ def test_captured_gradients_equal_autograd_on_random_geometries(seed, in_c, out_
 
 
 def test_grad_at_never_builds_the_dense_kernel_gradient():
-    from test_sparse_conv import _Sizes   # the largest strided tensor any op produces
     layer = SparseConv2d(32, 32, 5, fan_in=8, seed=1)
     t = SparseConv2dTarget("conv.values", layer, OptimizerStateMasker(torch.optim.SGD(layer.parameters(), lr=0.1)))
     t.arm_capture()
     layer(torch.randn(1, 32, 5, 5)).sum().backward()
     flat = torch.randint(t.numel, (200,))   # 200 taps of the 25600 of the dense kernel
-    sizes = _Sizes()
+    sizes = LargestTensor()
     with sizes:
         t.grad_at(flat)
     # one offset's slice of the asked channels (<= 32 x 1) and the 200 taps: far below out x in
-    assert 0 < sizes.largest < 32 * 32
+    assert 0 < sizes.numel < 32 * 32
     with sizes:
         block = t.grad_rows(0, 2)
-    assert block.shape == (2, 32 * 25) and sizes.largest <= 2 * 32 * 25
+    assert block.shape == (2, 32 * 25) and sizes.numel <= 2 * 32 * 25
 
 
 # -- the same decisions as the masked backend ----------------------------------------------------
