@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import regrow  # noqa: E402
 from regrow.models import build  # noqa: E402
-from regrow.nn import CondensedLinear, CSRLinear, SparseLinear  # noqa: E402
+from regrow.nn import CondensedLinear, CSRLinear, SparseLinear, sparsify  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -152,7 +152,7 @@ def run_tests(device: torch.device, out_dir: Path, quick: bool, keyword: str | N
     if keyword:
         cmd += ["-k", keyword]
     if device.type == "cuda" and importlib.util.find_spec("xdist") is not None:
-        cmd += ["-n", "4"]   # one GPU, four processes: the tiny models leave it mostly idle
+        cmd += ["-n", "8"]   # one GPU, eight processes: the tiny models leave it mostly idle
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd += ["--timeout", "300"]
     env = dict(os.environ, REGROW_TEST_DEVICE=str(device), PYTHONUNBUFFERED="1")
@@ -195,13 +195,16 @@ class Trainer:
     """One model + SGD, stepping either plainly or through DynamicSparsity."""
 
     def __init__(self, name, in_shape, options, device, batch, method=None, update_interval=100,
-                 total_steps=10_000):
+                 total_steps=10_000, sparsity=0.9, always_sparse=False, autocast=torch.bfloat16):
         torch.manual_seed(0)
-        self.model = build(name, 10, in_shape, **options).to(device)
-        self.device = device
+        self.model = build(name, 10, in_shape, **options)
+        if always_sparse:   # as `regrow train --backend sparse` converts it
+            sparsify(self.model, sparsity, seed=0)
+        self.model.to(device)
+        self.device, self.autocast = device, autocast
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         self.dst = None if method is None else regrow.DynamicSparsity(
-            self.model, self.opt, method=method, sparsity=0.9, total_steps=total_steps,
+            self.model, self.opt, method=method, sparsity=sparsity, total_steps=total_steps,
             update_interval=update_interval, stop_fraction=1.0)
         g = torch.Generator().manual_seed(1)
         self.x = torch.randn(batch, *in_shape, generator=g).to(device)
@@ -209,7 +212,8 @@ class Trainer:
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                            enabled=self.autocast is not None):
             loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         if self.dst is None:
@@ -366,8 +370,104 @@ def bench_sparse_linear(device, quick, rounds, target_s) -> list[dict]:
     return rows
 
 
+# -- 5. always-sparse ViT step and the RigL update of a wide SparseLinear ------------------------
+def peak_step(fn, device) -> tuple[float, float | None]:
+    """Seconds of one call of ``fn`` and the peak device memory it allocated above what was
+    allocated before it (GiB; None on the CPU)."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    seconds = time.perf_counter() - t
+    if device.type != "cuda":
+        return seconds, None
+    return seconds, (torch.cuda.max_memory_allocated(device) - base) / 2**30
+
+
+def bench_always_sparse_vit(device, quick, rounds, target_s) -> list[dict]:
+    """The ViT of ``engine_overhead`` trained with RigL, masked vs always-sparse (sparsify: q, k, v,
+    output and feed-forward projections as SparseLinear, patch embedding as SparseConv2d), fp32
+    (SparseLinear computes in fp32 under autocast too; masked bf16 for reference)."""
+    in_shape, options = model_specs(quick)["vit"]
+    batch = 8 if quick else 128
+    rows = []
+    for sparsity in ((0.9,) if quick else (0.9, 0.95, 0.98)):
+        runs = {"masked_fp32": Trainer("vit", in_shape, options, device, batch, "rigl", 1_000_000, 10_000_000,
+                                       sparsity, autocast=None),
+                "sparse_fp32": Trainer("vit", in_shape, options, device, batch, "rigl", 1_000_000, 10_000_000,
+                                       sparsity, always_sparse=True, autocast=None),
+                "masked_bf16": Trainer("vit", in_shape, options, device, batch, "rigl", 1_000_000, 10_000_000,
+                                       sparsity)}
+        med = interleaved({k: r.step for k, r in runs.items()}, device, rounds, target_s)
+        peak = {}
+        for k, r in runs.items():   # memory of one step of each, alone
+            peak[k] = peak_step(r.step, device)[1]
+        row = {"model": "vit", "options": options, "batch": batch, "sparsity": sparsity,
+               "ms_per_step": {k: round(v * 1e3, 3) for k, v in med.items()},
+               "sparse_speedup_vs_masked_fp32": round(med["masked_fp32"] / med["sparse_fp32"], 3),
+               "step_peak_gib": {k: None if v is None else round(v, 3) for k, v in peak.items()},
+               "params_gib": {k: round(sum(p.numel() * p.element_size() for p in r.model.parameters()) / 2**30, 4)
+                              for k, r in runs.items()}}
+        rows.append(row)
+        log(f"always-sparse vit {sparsity:.0%}: {row['ms_per_step']} ms/step, sparse/masked fp32 speedup "
+            f"{row['sparse_speedup_vs_masked_fp32']}, peak {row['step_peak_gib']} GiB")
+        del runs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_sparse_update(device, quick) -> list[dict]:
+    """One RigL update step of a square layer W x W at fan-in 16 (batch 32, SGD momentum):
+    SparseLinear (the dense gradient read in blocks of rows, never whole) vs nn.Linear + mask
+    (where its dense weight fits comfortably). Peak device memory of the update step above what
+    was allocated before it, and its time against an ordinary step."""
+    widths = (512, 1024) if quick else (8192, 32768, 65536)
+    masked_max = 1024 if quick else 32768
+    fan_in, batch = 16, 32
+    rows = []
+    for width in widths:
+        for backend in ("sparse", "masked"):
+            if backend == "masked" and width > masked_max:
+                continue
+            torch.manual_seed(0)
+            layer = (SparseLinear(width, width, fan_in=fan_in, seed=0) if backend == "sparse"
+                     else nn.Linear(width, width))
+            model = nn.Sequential(layer).to(device)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            dst = regrow.DynamicSparsity(model, opt, method="rigl", sparsity=1 - fan_in / width, total_steps=1000,
+                                         update_interval=3, stop_fraction=1.0, distribution="uniform")
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, width, generator=g).to(device)
+            target = torch.randn(batch, width, generator=g).to(device)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                F.mse_loss(model(x), target).backward()
+                dst.step()
+            ordinary = []
+            for _ in range(2):
+                ordinary.append(peak_step(step, device))
+            update = peak_step(step, device)   # step 3: the update
+            assert dst.stats()["updates"] == 1, dst.stats()
+            row = {"backend": backend, "width": width, "fan_in": fan_in, "batch": batch, "nnz": fan_in * width,
+                   "update_ms": round(update[0] * 1e3, 2), "ordinary_ms": round(ordinary[-1][0] * 1e3, 2),
+                   "update_peak_gib": None if update[1] is None else round(update[1], 4),
+                   "ordinary_peak_gib": None if ordinary[-1][1] is None else round(ordinary[-1][1], 4)}
+            rows.append(row)
+            log(f"rigl update {backend} {width}: {row}")
+            del model, opt, dst, layer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 # -- main -------------------------------------------------------------------------------------
-PARTS = ("tests", "engine_overhead", "rigl_update", "condensed", "sparse_linear", "ddp")
+PARTS = ("engine_overhead", "rigl_update", "condensed", "sparse_linear", "always_sparse_vit", "sparse_update",
+         "tests", "ddp")
 
 
 def main(argv=None) -> int:
@@ -411,6 +511,10 @@ def main(argv=None) -> int:
                 result = bench_condensed(device, args.quick, rounds, target_s)
             elif part == "sparse_linear":
                 result = bench_sparse_linear(device, args.quick, rounds, target_s)
+            elif part == "always_sparse_vit":
+                result = bench_always_sparse_vit(device, args.quick, rounds, target_s)
+            elif part == "sparse_update":
+                result = bench_sparse_update(device, args.quick)
             else:
                 n = torch.cuda.device_count() if device.type == "cuda" else 0
                 result = {"ran": False, "gpus": n,

@@ -181,3 +181,56 @@ def test_csr_linear_matches_cpu(device, batch, index_dtype):
     for layer in (CSRLinear.from_dense(w.to(device), mask.to(device), b.to(device), index_dtype=index_dtype),
                   _on(device, CSRLinear.from_dense(w, mask, b, index_dtype=index_dtype))):
         torch.testing.assert_close(layer(x.to(device)).cpu(), want, **TOL)
+
+
+# -- SparseConv2d and sparsified zoo models ------------------------------------------------------
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+@pytest.mark.parametrize("density", [0.05, 0.5])
+def test_sparse_conv2d_forward_backward_match_cpu(device, density, stride, padding):
+    from regrow.nn import SparseConv2d
+    cpu = SparseConv2d(6, 10, 3, stride=stride, padding=padding, density=density, seed=3)
+    dev = _on(device, cpu)
+    x = torch.randn(5, 6, 9, 9)
+    outs = []
+    for layer, dv in ((cpu, torch.device("cpu")), (dev, device)):
+        xi = x.to(dv).requires_grad_()
+        y = layer(xi)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), xi.grad, layer.values.grad, layer.bias.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b.cpu(), a, **TOL)
+    # and the dense convolution with the same active taps
+    torch.testing.assert_close(outs[1][0].cpu(), F.conv2d(x, cpu.to_dense().detach(), cpu.bias.detach(),
+                                                          stride=stride, padding=padding), **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:regrow. sparsity=.* has no effect")
+@pytest.mark.parametrize("model_name", ["vit", "resnet20"])
+@pytest.mark.parametrize("method", ["rigl", "srigl", "dstee", "gse"])
+def test_sparsified_zoo_model_trains_always_sparse_on_device(device, model_name, method):
+    """regrow.nn.sparsify'd ViT (SparseMultiheadAttention, SparseLinear on tokens, patch
+    SparseConv2d) and ResNet-20 (SparseConv2d) train on the device with the RigL family: counts
+    kept, keys on the device, loss finite."""
+    from gpu_helpers import CLASSES, MODEL_OPTIONS, batches
+    from regrow.models import build
+    from regrow.nn import sparsify
+    torch.manual_seed(0)
+    model = build(model_name, num_classes=CLASSES, in_shape=(3, 8, 8), **MODEL_OPTIONS[model_name])
+    sparsify(model, 0.9, seed=1)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dst = regrow.DynamicSparsity(model, opt, method=method, sparsity=0.9, total_steps=7, update_interval=2,
+                                 stop_fraction=1.0)
+    assert dst.targets, "sparsify left no always-sparse layer"
+    counts = [t.nnz for t in dst.targets]
+    for x, y in batches(7, device):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        assert torch.isfinite(loss)
+        loss.backward()
+        dst.step()
+        for t, n in zip(dst.targets, counts):
+            assert t.active_indices().device.type == device.type
+            if method != "srigl":
+                assert t.nnz == n
+    assert dst.stats()["updates"] == 3
