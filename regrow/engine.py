@@ -349,7 +349,8 @@ class DynamicSparsity:
             flat = self.method.trained_outside_mask(t)
             for buf, saved in zip(per_weight_state(self.optimizer, t.param), held[t.name]):
                 put_flat(buf, flat.to(buf.device), saved.reshape(-1)[flat.to(saved.device)])
-        self.generator.set_state(state["generator"])
+        # the generator is a CPU one; a checkpoint loaded with map_location="cuda" moved its state
+        self.generator.set_state(state["generator"].cpu())
         self._step, self._updates = int(state["step"]), int(state["updates"])
         if self._step > 0 and self._first_input is not None:
             self._first_input.remove()   # the checkpoint's masks were decided already

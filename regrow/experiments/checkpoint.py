@@ -99,8 +99,8 @@ def rng_states() -> dict[str, torch.Tensor | list[torch.Tensor]]:
 def set_rng_states(state: dict) -> None:
     """Restore :func:`rng_states`; checkpoints without GPU states (CPU runs, older files) load as
     they are, and only the GPUs present now are restored (a run resumed on fewer devices)."""
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"].cpu())   # both setters take CPU byte tensors, whatever map_location did
     cuda = state.get("cuda_rng") or []
     if cuda and torch.cuda.is_available():
         for index, rng in enumerate(cuda[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(rng, index)
+            torch.cuda.set_rng_state(rng.cpu(), index)

@@ -45,7 +45,7 @@ def test_sparse_linear_forward_backward_match_cpu(device, density, batch, bias):
     g = torch.randn(batch, 3, 80)
     outs = []
     for layer, dv in ((cpu, torch.device("cpu")), (dev, device)):
-        xi = x.to(dv).requires_grad_()
+        xi = x.to(dv).detach().requires_grad_()   # a leaf on each device
         y = layer(xi)
         y.backward(g.to(dv))
         outs.append((y.detach(), xi.grad, layer.values.grad, None if layer.bias is None else layer.bias.grad))
@@ -193,7 +193,7 @@ def test_sparse_conv2d_forward_backward_match_cpu(device, density, stride, paddi
     x = torch.randn(5, 6, 9, 9)
     outs = []
     for layer, dv in ((cpu, torch.device("cpu")), (dev, device)):
-        xi = x.to(dv).requires_grad_()
+        xi = x.to(dv).detach().requires_grad_()   # a leaf on each device
         y = layer(xi)
         y.backward(torch.ones_like(y))
         outs.append((y.detach(), xi.grad, layer.values.grad, layer.bias.grad))
