@@ -13,8 +13,9 @@
   (rows that lost inputs to an upstream removal are zero-padded), one with varying fan-in
   becomes ``CSRLinear`` if its density is at most ``csr_max_density`` and stays dense
   otherwise; a masked layer without zeros (density 1) stays a plain ``nn.Linear``. An always-sparse
-  ``SparseLinear`` that no removal can touch is converted the same way straight from its indices
-  (no out x in weight); the others, and ``SparseConv2d``, become dense layers + masks first. Convolutions stay dense with masks applied: a condensed convolution measured
+  ``SparseLinear`` takes part in the removal and is converted the same way, all from its values
+  and indices (nothing of size out x in); ``SparseConv2d`` becomes ``nn.Conv2d`` + mask first.
+  Convolutions stay dense with masks applied: a condensed convolution measured
   slower than torch's dense one here (see ``benchmarks/inference.py``), but their ablated
   output channels are removed where the graph allows.
 
@@ -143,29 +144,37 @@ def _is_sparse_layer(m: nn.Module) -> bool:
     return hasattr(m, "regrow_sparse_parameter") and hasattr(m, "active_keys") and hasattr(m, "to_dense")
 
 
+def _is_sparse_linear(m: nn.Module) -> bool:
+    """An always-sparse linear layer: ``values`` at ``row_indices`` / ``col_indices`` of a
+    ``rows x cols`` weight, and ``bias`` (``regrow.nn.SparseLinear``, or one duck-typed like it)."""
+    return _is_sparse_layer(m) and not hasattr(m, "to_conv2d")
+
+
 def _convert_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor], format: str,
                            csr_max_density: float) -> tuple[nn.Module, dict[str, dict]]:
     """Convert the always-sparse layers (duck-typed: ``regrow_sparse_parameter``, ``active_keys``,
-    ``to_dense``); returns the model and the report rows of the layers converted directly.
+    ``to_dense``) that ``_ExportState`` does not take as they are; returns the model and the
+    report rows of the layers converted directly.
 
-    A sparse linear layer (``values`` + ``row_indices`` / ``col_indices``) that the condensed
-    export's neuron removal cannot touch becomes ``CondensedLinear`` / ``CSRLinear`` straight
-    from its indices (nothing of size out x in); see :func:`_direct`. Every other one, and every
-    layer with ``to_conv2d`` (``regrow.nn.SparseConv2d``), becomes nn.Linear / nn.Conv2d + mask
-    (the dense weight built once, out x in) for the graph surgery and formats of ``_ExportState``.
+    - sparse linear layers (``values`` + ``row_indices`` / ``col_indices``): ``csr`` makes them
+      ``CSRLinear`` straight from their indices (:func:`_direct`); ``condensed`` leaves them to
+      ``_ExportState``, which removes ablated neurons on the indices and then calls
+      :func:`_direct`; ``dense`` makes them nn.Linear + mask.
+    - layers with ``to_conv2d`` (``regrow.nn.SparseConv2d``) become nn.Conv2d + mask in every
+      format (its dense kernel built once): removal on a sparse convolution's indices is not
+      written, and condensed convolutions stay dense anyway.
     """
     sparse = [(n, m) for n, m in model.named_modules() if _is_sparse_layer(m)]
-    surgery = _removal_candidates(sparse, masks) if format == "condensed" else set()
     direct: dict[str, dict] = {}
     for name, m in sparse:
-        if format != "dense" and name not in surgery and not hasattr(m, "to_conv2d"):
-            converted = _direct(name, m, format, csr_max_density)
-            if converted is not None:
-                direct[name] = converted[1]
-                if not name:
-                    return converted[0], direct
-                model.set_submodule(name, converted[0])
-                continue
+        if _is_sparse_linear(m) and format == "condensed":
+            continue
+        if _is_sparse_linear(m) and format == "csr":
+            new, direct[name] = _direct(name, type(m).__name__, _Entries.of(m), format, csr_max_density)
+            if not name:
+                return new, direct
+            model.set_submodule(name, new)
+            continue
         weight = m.to_dense().detach()
         bias = getattr(m, "bias", None)
         if hasattr(m, "to_conv2d"):
@@ -186,50 +195,104 @@ def _convert_sparse_layers(model: nn.Module, masks: dict[str, torch.Tensor], for
     return model, direct
 
 
-def _removal_candidates(sparse: list[tuple[str, nn.Module]], masks: dict[str, torch.Tensor]) -> set[str]:
-    """The sparse layers the condensed export's neuron removal might touch (a superset, from
-    counts alone): those with ablated rows (producers) and those whose input size is a multiple
-    of an ablating layer's output size (possible consumers; ``_find_chain`` needs at least that)."""
-    widths: set[int] = set()
-    surgery: set[str] = set()
-    for name, m in sparse:
-        if bool((torch.bincount(m.row_indices.long(), minlength=m.rows) == 0).any()):
-            surgery.add(name)
-            widths.add(m.rows)
-    for mask in masks.values():
-        if mask.dim() >= 2 and bool((~mask.reshape(mask.shape[0], -1).any(1)).any()):
-            widths.add(mask.shape[0])
-    surgery.update(name for name, m in sparse if any(m.cols % w == 0 for w in widths))
-    return surgery
+@dataclass
+class _Entries:
+    """A sparse linear layer's weight as its active entries (int64 ``row``, ``col``, sorted by
+    (row, col)), its ``shape`` and ``bias``: what the condensed export's neuron removal edits in
+    place of a dense weight and mask, in O(nnz + rows + cols)."""
+
+    row: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+    bias: torch.Tensor | None
+    #: judged on the trained layer, before upstream removals took inputs (as for masked layers)
+    constant_fan_in: bool
+
+    @classmethod
+    def of(cls, m: nn.Module) -> "_Entries":
+        row = m.row_indices.long()
+        counts = torch.bincount(row, minlength=m.rows)
+        active = counts[counts > 0]
+        return cls(row, m.col_indices.long(), m.values.detach(), (m.rows, m.cols),
+                   None if m.bias is None else m.bias.detach(),
+                   active.numel() == 0 or bool((active == active[0]).all()))
+
+    def dead_rows(self) -> torch.Tensor:
+        """Rows without entries (ablated neurons)."""
+        return torch.bincount(self.row, minlength=self.shape[0]) == 0
+
+    def drop_rows(self, keep: torch.Tensor) -> None:
+        """Keep the rows ``keep`` marks; the others must be dead (they hold no entry)."""
+        self.row = (torch.cumsum(keep, 0) - 1)[self.row]   # renumbered; order stays (row, col)
+        if self.bias is not None:
+            self.bias = self.bias[keep]
+        self.shape = (int(keep.sum()), self.shape[1])
+
+    def drop_inputs(self, gone: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        """Remove the input columns ``gone`` marks, whose inputs are the constants ``const``
+        [cols]; returns their contribution to each row, ``sum(values * const[col])``."""
+        out = gone[self.col]
+        fold = torch.zeros(self.shape[0], dtype=self.values.dtype, device=self.values.device)
+        fold.index_add_(0, self.row[out], self.values[out] * const[self.col[out]].to(self.values.dtype))
+        stay = ~out
+        self.row, self.values = self.row[stay], self.values[stay]
+        self.col = (torch.cumsum(~gone, 0) - 1)[self.col[stay]]
+        self.shape = (self.shape[0], int((~gone).sum()))
+        return fold
+
+    def add_to_bias(self, fold: torch.Tensor) -> None:
+        if self.bias is None and bool((fold != 0).any()):
+            self.bias = torch.zeros_like(fold)
+        if self.bias is not None:
+            self.bias = self.bias + fold
+
+    def to_linear(self) -> nn.Linear:
+        """The dense ``nn.Linear`` (out x in: only where the export keeps the layer dense)."""
+        layer = nn.Linear(self.shape[1], self.shape[0], bias=self.bias is not None,
+                          device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.weight[self.row, self.col] = self.values
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
 
 
-def _direct(name: str, m: nn.Module, format: str, csr_max_density: float) -> tuple[nn.Module, dict] | None:
-    """``m`` as CondensedLinear (constant fan-in over its non-empty rows, condensed format) or
+def _direct(name: str, kind: str, e: _Entries, format: str, csr_max_density: float,
+            notes: Iterable[str] = ()) -> tuple[nn.Module, dict]:
+    """The sparse linear layer ``e`` as CondensedLinear (condensed format, constant fan-in over
+    its non-empty rows before any upstream removal; rows that lost inputs are zero-padded) or
     CSRLinear (csr format; condensed format at density <= ``csr_max_density``) read from its
-    indices, with its report row; None where the export keeps it dense (density 1, or varying
+    indices, with its report row (``notes`` first: what the removal did). The condensed format
+    keeps it a dense nn.Linear where a masked layer would stay dense too (density 1, or varying
     fan-in above ``csr_max_density``: the dense weight is then at most 1 / csr_max_density times
     the stored values)."""
-    row, col, values, shape = m.row_indices, m.col_indices, m.values.detach(), (m.rows, m.cols)
-    bias = getattr(m, "bias", None)
-    counts = torch.bincount(row.long(), minlength=m.rows)
-    active = counts[counts > 0]
-    density = values.numel() / (shape[0] * shape[1])
-    notes = ["read from the layer's indices (no dense weight)"]
+    shape, nnz = e.shape, e.values.numel()
+    density = nnz / (shape[0] * shape[1])
+    notes, fmt = list(notes), "condensed"
     if format == "condensed" and density == 1.0:
-        return None
-    if format == "condensed" and (active.numel() == 0 or bool((active == active[0]).all())):
-        new, fmt = CondensedLinear.from_indices(row, col, values, shape, bias), "condensed"
+        new, fmt = e.to_linear(), "dense"
+        notes += ["no zeros (density 1): dense", "dense weight built from the layer's indices"]
+    elif format == "condensed" and e.constant_fan_in:
+        new = CondensedLinear.from_indices(e.row, e.col, e.values, shape, e.bias, pad=True)
+        notes.append("read from the layer's indices (no dense weight)")
+        if new.rows * new.fan_in > nnz:
+            notes.append(f"{new.rows * new.fan_in - nnz} padding slots (rows that lost inputs to an upstream removal)")
         if new.row_index is not None:
             notes.append(f"{new.out_features - new.rows} ablated outputs kept (output = bias)")
     elif format == "csr" or density <= csr_max_density:
-        new, fmt = CSRLinear.from_indices(row, col, values, shape, bias), "csr"
+        new, fmt = CSRLinear.from_indices(e.row, e.col, e.values, shape, e.bias), "csr"
+        notes.append("read from the layer's indices (no dense weight)")
         if format == "condensed":
             notes.append(f"fan-in not constant: csr (density {density:.3f} <= {csr_max_density})")
     else:
-        return None
+        new, fmt = e.to_linear(), "dense"
+        notes += [f"fan-in not constant and density {density:.3f} > {csr_max_density}: dense",
+                  "dense weight built from the layer's indices"]
     tensors = list(new.parameters(recurse=False)) + list(new.buffers(recurse=False))
-    return new, {"name": name or "(root)", "kind": type(m).__name__, "format": fmt, "shape": list(shape),
-                 "nnz": values.numel(), "params": int(sum(p.numel() for p in new.parameters(recurse=False))),
+    return new, {"name": name or "(root)", "kind": kind, "format": fmt, "shape": list(shape), "nnz": nnz,
+                 "params": int(sum(p.numel() for p in new.parameters(recurse=False))),
                  "bytes": int(sum(t.numel() * t.element_size() for t in tensors)), "notes": "; ".join(notes)}
 
 
@@ -261,7 +324,12 @@ class _LayerNote:
 
 
 class _ExportState:
-    """The copy being exported, its current masks, and what happened to each layer."""
+    """The copy being exported, its current masks, and what happened to each layer.
+
+    Masked layers (nn.Linear, convolutions) are edited through their weights and masks; sparse
+    linear layers (``SparseLinear``, left in the model by ``_convert_sparse_layers`` in the
+    condensed format) through their entries (``self.entries``), never a dense weight, and
+    ``convert`` turns them into their export layer with :func:`_direct`."""
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         self.model = model
@@ -270,20 +338,29 @@ class _ExportState:
         self.modules = dict(model.named_modules())
         self.layer: dict[str, _LayerNote] = {}
         self.replaced: dict[str, nn.Module] = {}
+        self.entries = {n: _Entries.of(m) for n, m in self.modules.items() if _is_sparse_linear(m)}
+        self.direct_rows: dict[str, dict] = {}   # report rows of the sparse layers, from _direct
         parents = {f"{name}.{child}" if name else child: m for name, m in self.modules.items()
                    for child, _ in m.named_children()}
-        self.layers = [n for n, m in self.modules.items()
-                       if (_is_plain_linear(m) or _is_plain_conv(m)) and not isinstance(parents.get(n), nn.MultiheadAttention)]
+        self.layers = [n for n, m in self.modules.items() if n in self.entries or (
+            (_is_plain_linear(m) or _is_plain_conv(m)) and not isinstance(parents.get(n), nn.MultiheadAttention))]
         for n in self.layers:
             self.layer[n] = _LayerNote()
         #: layers whose parent reads their weight directly: kept as they are, with the reason
         self.pinned = {n: f"kept dense with mask applied: {type(parents[n]).__name__} reads its .weight "
                           "directly (fused fast path)"
-                       for n in self.layers if n in parents and n.rsplit(".", 1)[-1] in
+                       for n in self.layers if n in parents and n not in self.entries and n.rsplit(".", 1)[-1] in
                        next((kids for kind, kids in _WEIGHT_READERS.items() if isinstance(parents[n], kind)), ())}
 
     def mask_of(self, name: str) -> torch.Tensor | None:
         return self.masks.get(f"{name}.weight" if name else "weight")
+
+    def dead_outputs(self, name: str) -> torch.Tensor | None:
+        """Which outputs of layer ``name`` have no active weight (None: an unmasked dense layer)."""
+        if name in self.entries:
+            return self.entries[name].dead_rows()
+        mask = self.mask_of(name)
+        return None if mask is None else ~mask.reshape(mask.shape[0], -1).any(1)
 
     def note(self, name: str, text: str) -> None:
         self.layer.setdefault(name, _LayerNote()).notes.append(text)
@@ -292,13 +369,11 @@ class _ExportState:
     def remove_ablated(self) -> None:
         ablated = {}
         for name in self.layers:
-            if name in self.pinned:
+            if name in self.pinned or not name:   # a root layer's outputs are the model's outputs
                 continue
-            mask = self.mask_of(name)
-            if mask is not None:
-                dead = ~mask.reshape(mask.shape[0], -1).any(1)
-                if bool(dead.any()):
-                    ablated[name] = dead
+            dead = self.dead_outputs(name)
+            if dead is not None and bool(dead.any()):
+                ablated[name] = dead
         if not ablated:
             return
         try:
@@ -340,7 +415,7 @@ class _ExportState:
                 return f"its output meets other tensors at '{nxt.name}' (e.g. a residual sum)"
             if nxt.op == "call_module":
                 mod = self.modules[nxt.target]
-                if (_is_plain_linear(mod) and (not is_conv or flattened)) or (
+                if ((_is_plain_linear(mod) or nxt.target in self.entries) and (not is_conv or flattened)) or (
                         is_conv and not flattened and _is_plain_conv(mod) and type(mod) is type(producer)):
                     break
                 if calls.get(nxt.target, 0) != 1 and not isinstance(mod, ELEMENTWISE_MODULES):
@@ -367,8 +442,8 @@ class _ExportState:
             return f"its consumer '{consumer_name}' is read directly by its parent"
         if calls.get(consumer_name, 0) != 1:
             return f"its consumer '{consumer_name}' is called more than once"
-        features = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-        if isinstance(consumer, nn.Linear):
+        features = producer.out_channels if is_conv else producer.out_features
+        if not isinstance(consumer, CONVS):   # nn.Linear or a sparse linear layer
             if consumer.in_features % features:
                 return f"consumer '{consumer_name}' has {consumer.in_features} inputs for {features} features"
             group = consumer.in_features // features
@@ -400,9 +475,13 @@ class _ExportState:
     def _constants(self, chain: _Chain) -> torch.Tensor:
         """What each producer feature outputs after the chain when its weights are all zero."""
         producer = self.modules[chain.producer]
-        n = producer.weight.shape[0]
-        t = producer.bias.detach().clone() if producer.bias is not None else producer.weight.new_zeros(n)
-        t = t.reshape(1, n, *([1] * (producer.weight.dim() - 2)))
+        if chain.producer in self.entries:   # its bias as folded so far, from earlier removals
+            e = self.entries[chain.producer]
+            n, spatial, bias, like = e.shape[0], 0, e.bias, e.values
+        else:
+            n, spatial, bias, like = producer.weight.shape[0], producer.weight.dim() - 2, producer.bias, producer.weight
+        t = bias.detach().clone() if bias is not None else like.new_zeros(n)
+        t = t.reshape(1, n, *([1] * spatial))
         with torch.no_grad():
             for op in chain.ops:  # pools and flattens leave a per-feature constant unchanged
                 if op.op == "call_module":
@@ -416,8 +495,9 @@ class _ExportState:
         return t.reshape(-1)
 
     def _remove(self, chain: _Chain, dead: torch.Tensor) -> None:
-        producer, consumer = self.modules[chain.producer], self.modules[chain.consumer]
-        const = self._constants(chain).to(producer.weight.dtype)
+        producer = self.modules[chain.producer]
+        dtype = self.entries[chain.producer].values.dtype if chain.producer in self.entries else producer.weight.dtype
+        const = self._constants(chain).to(dtype)
         removable = dead.clone()
         if chain.padded:
             removable &= const == 0
@@ -430,43 +510,9 @@ class _ExportState:
             return
         keep = ~removable
         with torch.no_grad():
-            # fold the removed features' constant contribution into the consumer's bias
-            w = consumer.weight
-            if isinstance(consumer, nn.Linear):
-                w3 = w.reshape(w.shape[0], -1, chain.group)
-                fold = (w3[:, removable, :] * const[removable].view(1, -1, 1)).sum((1, 2))
-                cols = keep.repeat_interleave(chain.group)
-                new_w = w[:, cols]
-            else:
-                fold = (w[:, removable] * const[removable].view(1, -1, *([1] * (w.dim() - 2)))).sum(
-                    tuple(range(1, w.dim())))
-                cols = keep
-                new_w = w[:, keep]
-            if consumer.bias is None and bool((fold != 0).any()):
-                consumer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                                             requires_grad=w.requires_grad)
-            if consumer.bias is not None:
-                consumer.bias.add_(fold)
-            consumer.weight = nn.Parameter(new_w.contiguous(), requires_grad=w.requires_grad)
-            if isinstance(consumer, nn.Linear):
-                consumer.in_features = new_w.shape[1]
-            else:
-                consumer.in_channels = new_w.shape[1]
-            cmask = self.mask_of(chain.consumer)
-            if cmask is not None:
-                self.masks[f"{chain.consumer}.weight"] = cmask[:, cols].contiguous()
-            # the producer loses the rows, batch norms on the way their entries
-            producer.weight = nn.Parameter(producer.weight[keep].contiguous(),
-                                           requires_grad=producer.weight.requires_grad)
-            if producer.bias is not None:
-                producer.bias = nn.Parameter(producer.bias[keep].contiguous(),
-                                             requires_grad=producer.bias.requires_grad)
-            if isinstance(producer, nn.Linear):
-                producer.out_features = int(keep.sum())
-            else:
-                producer.out_channels = int(keep.sum())
-            self.masks[f"{chain.producer}.weight"] = self.mask_of(chain.producer)[keep].contiguous()
-            for op in chain.ops:
+            self._drop_inputs(chain, removable, const)
+            self._drop_outputs(chain.producer, keep)
+            for op in chain.ops:  # batch norms on the way lose the producer's removed entries
                 if op.op == "call_module" and isinstance(self.modules[op.target], BATCHNORMS):
                     _slice_batchnorm(self.modules[op.target], keep)
                     self.note(op.target, f"{n_rm} entries removed with '{chain.producer}'")
@@ -477,6 +523,55 @@ class _ExportState:
         self.note(chain.consumer, f"{n_rm * chain.group} inputs removed (ablated in '{chain.producer}'); "
                                   "their constant contribution folded into the bias")
 
+    def _drop_inputs(self, chain: _Chain, removable: torch.Tensor, const: torch.Tensor) -> None:
+        """The consumer loses the inputs of the ``removable`` producer features; their constant
+        contribution (``const`` per feature) is folded into its bias."""
+        name, consumer = chain.consumer, self.modules[chain.consumer]
+        if name in self.entries:
+            e = self.entries[name]
+            e.add_to_bias(e.drop_inputs(removable.repeat_interleave(chain.group),
+                                        const.repeat_interleave(chain.group)))
+            return
+        w = consumer.weight
+        if isinstance(consumer, nn.Linear):
+            w3 = w.reshape(w.shape[0], -1, chain.group)
+            fold = (w3[:, removable, :] * const[removable].view(1, -1, 1)).sum((1, 2))
+            cols = (~removable).repeat_interleave(chain.group)
+            new_w = w[:, cols]
+        else:
+            fold = (w[:, removable] * const[removable].view(1, -1, *([1] * (w.dim() - 2)))).sum(
+                tuple(range(1, w.dim())))
+            cols = ~removable
+            new_w = w[:, cols]
+        if consumer.bias is None and bool((fold != 0).any()):
+            consumer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                         requires_grad=w.requires_grad)
+        if consumer.bias is not None:
+            consumer.bias.add_(fold)
+        consumer.weight = nn.Parameter(new_w.contiguous(), requires_grad=w.requires_grad)
+        if isinstance(consumer, nn.Linear):
+            consumer.in_features = new_w.shape[1]
+        else:
+            consumer.in_channels = new_w.shape[1]
+        cmask = self.mask_of(name)
+        if cmask is not None:
+            self.masks[f"{name}.weight"] = cmask[:, cols].contiguous()
+
+    def _drop_outputs(self, name: str, keep: torch.Tensor) -> None:
+        """The producer keeps only the outputs ``keep`` marks (the others are ablated)."""
+        if name in self.entries:
+            self.entries[name].drop_rows(keep)
+            return
+        producer = self.modules[name]
+        producer.weight = nn.Parameter(producer.weight[keep].contiguous(), requires_grad=producer.weight.requires_grad)
+        if producer.bias is not None:
+            producer.bias = nn.Parameter(producer.bias[keep].contiguous(), requires_grad=producer.bias.requires_grad)
+        if isinstance(producer, nn.Linear):
+            producer.out_features = int(keep.sum())
+        else:
+            producer.out_channels = int(keep.sum())
+        self.masks[f"{name}.weight"] = self.mask_of(name)[keep].contiguous()
+
     # -- format conversion ---------------------------------------------------------------
     def convert(self, format: str, csr_max_density: float) -> nn.Module:
         root = self.model
@@ -484,6 +579,15 @@ class _ExportState:
             module = self.modules[name]
             mask = self.mask_of(name)
             rec = self.layer[name]
+            if name in self.entries:
+                module, self.direct_rows[name] = _direct(name, type(module).__name__, self.entries[name], format,
+                                                         csr_max_density, rec.notes)
+                if name == "":
+                    root = module
+                else:
+                    self.model.set_submodule(name, module)
+                self.replaced[name] = module
+                continue
             if mask is None:
                 rec.notes.append("no mask (dense layer)")
                 continue
@@ -533,6 +637,9 @@ class _ExportState:
         rows = []
         modules = dict(root.named_modules())
         for name in self.layers:
+            if name in self.direct_rows:
+                rows.append(self.direct_rows[name])
+                continue
             module = modules.get(name) if name else root
             mask = self.mask_of(name)
             rec = self.layer[name]
@@ -571,11 +678,12 @@ class _ExportState:
 
 
 class _LeafTracer(fx.Tracer):
-    """torch.fx's tracer, with the layers already converted from indices (CondensedLinear,
-    CSRLinear: their forward branches on shapes) kept as opaque calls."""
+    """torch.fx's tracer, with sparse linear layers (SparseLinear, and CondensedLinear /
+    CSRLinear: their forwards branch on shapes) kept as opaque calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (CondensedLinear, CSRLinear)) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, (CondensedLinear, CSRLinear)) or _is_sparse_linear(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _only_input(node: fx.Node, source: fx.Node) -> bool:

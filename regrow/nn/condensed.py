@@ -177,29 +177,39 @@ class CondensedLinear(nn.Module):
     @classmethod
     def from_indices(cls, row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
                      bias: torch.Tensor | None = None,
-                     index_dtype: torch.dtype | str | None = None) -> "CondensedLinear":
+                     index_dtype: torch.dtype | str | None = None, *, pad: bool = False) -> "CondensedLinear":
         """Condense a weight given as its active entries (``values`` at ``(row, col)``, no repeats),
         every non-empty row with the same count; builds nothing of size ``out x in``.
 
         Gives the same layer as :meth:`from_dense` on the equivalent dense weight and mask: rows
-        without entries become kept-in-place ablated outputs (their output is the bias).
+        without entries become kept-in-place ablated outputs (their output is the bias). With
+        ``pad``, rows with fewer entries than the largest are zero-padded (weight 0 at input 0)
+        as :meth:`from_dense` pads them, instead of refused.
 
         Raises:
-            ValueError: rows with different non-zero counts (use :class:`CSRLinear`).
+            ValueError: rows with different non-zero counts and no ``pad`` (use :class:`CSRLinear`).
         """
         row, col, values = _row_major(row, col, values.detach(), shape)
         out_f, in_f = shape
         counts = torch.bincount(row, minlength=out_f)
         active = (counts > 0).nonzero().squeeze(1)
         k = int(counts.max()) if counts.numel() else 0
-        if bool((counts[active] != k).any()):
+        uneven = bool((counts[active] != k).any())
+        if uneven and not pad:
             raise ValueError("CondensedLinear.from_indices needs the same number of entries in every non-empty row")
         layer = cls(in_f, out_f, k, bias=bias is not None, rows=active.numel(), index_dtype=index_dtype,
                     device=values.device, dtype=values.dtype)
         with torch.no_grad():
-            # row-major entries of rows with k each: row r's entries are one run of k, ascending columns
-            layer.weight.copy_(values.view(active.numel(), k))
-            layer.indices.copy_(col.view(active.numel(), k).to(layer.indices.dtype))
+            if uneven:
+                # entry j of row r goes to slot (stored row of r, j - first entry of r); the rest stay 0
+                stored = torch.cumsum(counts > 0, 0) - 1
+                slot = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
+                layer.weight[stored[row], slot] = values
+                layer.indices[stored[row], slot] = col.to(layer.indices.dtype)
+            else:
+                # row-major entries of rows with k each: row r's entries are one run of k, ascending columns
+                layer.weight.copy_(values.view(active.numel(), k))
+                layer.indices.copy_(col.view(active.numel(), k).to(layer.indices.dtype))
             if bias is not None:
                 layer.bias.copy_(bias.detach())
             if layer.row_index is not None:
