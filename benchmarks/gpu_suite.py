@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import regrow  # noqa: E402
 from regrow.models import build  # noqa: E402
-from regrow.nn import CondensedLinear, CSRLinear, SparseLinear, sparsify  # noqa: E402
+from regrow.nn import CondensedLinear, CSRLinear, SparseLinear, _triton_kernels, sparsify  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -347,6 +347,20 @@ def bench_sparse_linear(device, quick, rounds, target_s) -> list[dict]:
     for sparsity in (0.90, 0.95, 0.98, 0.99):
         layer = SparseLinear(width, width, 1 - sparsity, seed=1).to(device)
 
+        def on_route(fn, name):
+            """``fn`` with SparseLinear's CUDA route set to ``name`` (triton or torch.sparse)."""
+            def run():
+                saved = os.environ.get("REGROW_CUDA_SPARSE")
+                os.environ["REGROW_CUDA_SPARSE"] = name
+                try:
+                    return fn()
+                finally:
+                    if saved is None:
+                        del os.environ["REGROW_CUDA_SPARSE"]
+                    else:
+                        os.environ["REGROW_CUDA_SPARSE"] = saved
+            return run
+
         def sparse_step(layer=layer):
             x = x0.detach().requires_grad_()
             layer(x).backward(gy)
@@ -354,17 +368,32 @@ def bench_sparse_linear(device, quick, rounds, target_s) -> list[dict]:
         def sparse_forward(layer=layer):
             with torch.no_grad():
                 layer(x0)
-        # the layer against its own dense equivalent, once, before timing
-        with torch.no_grad():
-            torch.testing.assert_close(layer(x0), F.linear(x0, layer.to_dense(), layer.bias), rtol=1e-3, atol=1e-3)
-        med = interleaved({"sparse_fwd_bwd": sparse_step, "sparse_fwd": sparse_forward, **dense_fns},
-                          device, rounds, target_s)
+        routes = ["torch"] + (["triton"] if device.type == "cuda" and _triton_kernels.route() == "triton" else [])
+        fns = {}
+        for r in routes:
+            # the layer against its own dense equivalent (values and gradients), once, before timing
+            x1, x2 = x0.detach().requires_grad_(), x0.detach().requires_grad_()
+            w = layer.to_dense().detach().requires_grad_()
+            layer.values.grad = None
+            y = on_route(lambda: layer(x1), r)()
+            torch.testing.assert_close(y, F.linear(x2, w, layer.bias), rtol=1e-3, atol=1e-3)
+            on_route(lambda: y.backward(gy), r)()
+            F.linear(x2, w, layer.bias).backward(gy)
+            torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(layer.values.grad, w.grad.reshape(-1)[layer.active_keys()], rtol=1e-3, atol=1e-3)
+            fns[f"sparse_fwd_bwd_{r}"] = on_route(sparse_step, r)
+            fns[f"sparse_fwd_{r}"] = on_route(sparse_forward, r)
+        med = interleaved({**fns, **dense_fns}, device, rounds, target_s)
+        best = min(routes, key=lambda r: med[f"sparse_fwd_bwd_{r}"])
+        med["sparse_fwd_bwd"] = med[f"sparse_fwd_bwd_{best}"]
         row = {"width": width, "batch": batch, "sparsity": sparsity, "nnz": layer.nnz,
-               "path": "cuSPARSE via torch.sparse" if device.type == "cuda" else "compiled CPU kernels",
+               "path": "compiled CPU kernels" if device.type != "cuda" else
+               {"torch": "cuSPARSE via torch.sparse", "triton": "Triton kernels"}[best],
+               "routes_timed": routes,
                "ms": {n: round(t * 1e3, 4) for n, t in med.items()},
                "speedup_vs_dense": {n: round(med[n] / med["sparse_fwd_bwd"], 3)
                                     for n in ("dense_fp32", "dense_tf32", "dense_bf16")},
-               "syncs_per_fwd_bwd": count_syncs(sparse_step, device)}
+               "syncs_per_fwd_bwd": count_syncs(on_route(sparse_step, best), device)}
         rows.append(row)
         log(f"sparse_linear {sparsity:.0%}: {row['ms']} ms; speedup {row['speedup_vs_dense']}; "
             f"syncs {row['syncs_per_fwd_bwd']}")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core import hugepages
-from . import _sparse_kernels
+from . import _sparse_kernels, _triton_kernels
 from ._indexed import IndexedWeights, _even_counts, constant_fan_in  # noqa: F401  (public here too)
 
 _MAX_FEATURES = 2**31 - 1   # int32 indices
@@ -194,6 +194,8 @@ def sampled_grad(topo_rows: int, r: torch.Tensor, c: torch.Tensor, h_t: torch.Te
     kernels = _use_kernel(h_t, delta_t)
     if kernels is not None:   # the compiled loop reads int32 indices
         return kernels.sddmm(r.to(torch.int32), c.to(torch.int32), delta_t.contiguous(), h_t.contiguous())
+    if _triton_kernels.usable(h_t, delta_t):   # CUDA: any pair order, no sort
+        return _triton_kernels.sddmm(r, c, delta_t, h_t)
     if crow is not None:
         # already sorted: no argsort, and no bincount, whose output size costs CUDA a host sync
         with warnings.catch_warnings():
@@ -242,6 +244,9 @@ class _SparseLinearFunction(torch.autograd.Function):
             ptr, col, perm, n_panels = topo.csr_for(kernels, batch)
             kernels.spmm_rows(ptr, col, values.contiguous(), perm, x_t,
                               None if bias is None else bias.contiguous(), out=y.t(), n_panels=n_panels)
+        elif _triton_kernels.usable(x_t, values, *([] if bias is None else [bias])):
+            _triton_kernels.spmm_rows(topo.crow, topo.col, values, None, x_t,
+                                      None if bias is None else bias.contiguous(), out=y.t())
         else:
             y_t = torch.sparse.mm(topo.csr_tensor(values), x_t)
             y.t().copy_(y_t if bias is None else y_t + bias[:, None])
@@ -278,6 +283,9 @@ class _SparseLinearFunction(torch.autograd.Function):
                 ccol, row_t, perm, n_panels = topo.csc_for(kernels, g_t.shape[1])
                 grad_x = kernels.spmm_rows(ccol, row_t, values.contiguous(), perm, g_t, None,
                                            n_panels=n_panels).t()
+            elif _triton_kernels.usable(g_t, values):
+                ccol, row_t, perm = topo.csc()
+                grad_x = _triton_kernels.spmm_rows(ccol, row_t, values, perm, g_t, None).t()
             else:
                 grad_x = torch.sparse.mm(topo.csc_as_csr_tensor(values), g_t).t()
         if ctx.needs_input_grad[1] and grad_v is None:

@@ -54,6 +54,32 @@ def test_sparse_linear_forward_backward_match_cpu(device, density, batch, bias):
             torch.testing.assert_close(b.cpu(), a, **TOL)
 
 
+@pytest.mark.parametrize("cuda_route", ["triton", "torch"])
+def test_both_cuda_routes_match_cpu(cuda_only, cuda_route, monkeypatch):
+    """The Triton kernels (default on CUDA when Triton imports) and torch.sparse (cuSPARSE)."""
+    from regrow.nn import _triton_kernels
+    monkeypatch.setenv("REGROW_CUDA_SPARSE", cuda_route)
+    if _triton_kernels.route() != cuda_route:
+        pytest.skip("Triton does not import here")
+    cpu = SparseLinear(300, 200, 0.05, seed=6)
+    dev = _on(cuda_only, cpu)
+    assert _triton_kernels.usable(dev.values) == (cuda_route == "triton")
+    x, g = torch.randn(130, 300), torch.randn(130, 200)   # batch above one 128-wide tile
+    outs = []
+    for layer, dv in ((cpu, torch.device("cpu")), (dev, cuda_only)):
+        xi = x.to(dv).detach().requires_grad_()
+        y = layer(xi)
+        y.backward(g.to(dv))
+        outs.append((y.detach(), xi.grad, layer.values.grad, layer.bias.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b.cpu(), a, **TOL)
+    r = dev.row_indices[::7]
+    c = dev.col_indices.flip(0)[:r.numel()]   # pairs in no particular order
+    h_t, d_t = torch.randn(300, 16, device=cuda_only), torch.randn(200, 16, device=cuda_only)
+    want = (d_t @ h_t.t())[r.long(), c.long()]
+    torch.testing.assert_close(sampled_grad(200, r, c, h_t, d_t), want, **TOL)
+
+
 def test_sparse_linear_under_bf16_autocast_on_device(device):
     layer = SparseLinear(64, 48, 0.1, seed=2).to(device)
     lin = nn.Linear(32, 64).to(device)
