@@ -123,6 +123,27 @@ def test_sampled_grad_on_unsorted_pairs():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_strided_index_views_are_read_as_their_values():
+    """A strided view of indices (every 7th pair) gives the same result as its contiguous copy
+    (the kernels read raw pointers; found on the H200, where the view was read as contiguous)."""
+    g = torch.Generator().manual_seed(2)
+    h_t, delta_t = torch.randn(30, 8, generator=g), torch.randn(20, 8, generator=g)
+    r_all = torch.randint(0, 20, (70,), generator=g, dtype=torch.int32)
+    c_all = torch.randint(0, 30, (70,), generator=g, dtype=torch.int32)
+    r, c = r_all[::7], c_all[::7]
+    assert not r.is_contiguous()
+    want = (delta_t @ h_t.t())[r.long(), c.long()]
+    torch.testing.assert_close(_triton_kernels.sddmm(r, c, delta_t, h_t), want, rtol=1e-5, atol=1e-5)
+    ptr, rr, cc, values = _random_csr(10, 12, 0.4, 3)
+    src = torch.randn(12, 5)
+    spread = torch.zeros(2 * cc.numel(), dtype=torch.int32)
+    spread[::2] = cc
+    dense = torch.zeros(10, 12)
+    dense[rr.long(), cc.long()] = values
+    torch.testing.assert_close(_triton_kernels.spmm_rows(ptr, spread[::2], values, None, src, None), dense @ src,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_route_setting(monkeypatch):
     monkeypatch.setenv("REGROW_CUDA_SPARSE", "cusparse")
     with pytest.raises(ValueError, match="REGROW_CUDA_SPARSE"):

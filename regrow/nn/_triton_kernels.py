@@ -76,6 +76,10 @@ def spmm_rows(ptr: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, perm: 
         return out
     block_b = _block_b(batch)
     k = _kernels()
+    # the kernels read raw pointers: every index array must be contiguous (a strided view of
+    # the layer's indices would be read as if it were not)
+    ptr, idx = ptr.contiguous(), idx.contiguous()
+    perm = None if perm is None else perm.contiguous()
     k["spmm_rows"][(rows, k["cdiv"](batch, block_b))](
         ptr, idx, values.contiguous(), perm if perm is not None else idx, src,
         bias if bias is not None else values, out, batch,
@@ -93,6 +97,7 @@ def sddmm(row: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         return out.zero_()
     block_b = _block_b(batch)
     k = _kernels()
-    k["sddmm"][(k["cdiv"](n, _BLOCK_J),)](row, col, a.contiguous(), b.contiguous(), out, n, batch,
+    k["sddmm"][(k["cdiv"](n, _BLOCK_J),)](row.contiguous(), col.contiguous(), a.contiguous(), b.contiguous(),
+                                          out, n, batch,
                                           BLOCK_J=_BLOCK_J, BLOCK_B=block_b)
     return out
