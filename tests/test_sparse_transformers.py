@@ -77,6 +77,41 @@ def test_is_causal_without_a_mask_is_the_causal_mask():
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_self_attention_makes_one_feature_major_copy_of_its_input_for_q_k_and_v():
+    """q, k and v read (and keep for the backward) one [E, B * L] copy of the input, not three
+    (the output projection makes its own of the attention output: two in all, four before)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CopiesOfInput(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default) and \
+                    tuple(out.shape) == self.shape and out.is_contiguous():
+                self.count += 1
+            return out
+
+    mha = masked_attention(3)
+    sparse = SparseMultiheadAttention.from_masked(mha)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    expected, _ = mha(x, x, x, need_weights=False)
+    with CopiesOfInput((16, 21)) as copies:
+        out, _ = sparse(x, x, x, need_weights=False)
+    assert copies.count == 2
+    key, value = x.clone(), x.clone()
+    with CopiesOfInput((16, 21)) as copies:   # key and value other tensors: a copy per projection
+        sparse(x, key, value, need_weights=False)
+    assert copies.count == 4
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gx_expected,) = torch.autograd.grad(expected, x, g)
+    torch.testing.assert_close(gx, gx_expected, atol=1e-5, rtol=1e-5)
+
+
 def test_converted_encoder_layer_equals_the_masked_layer_in_train_and_eval():
     torch.manual_seed(3)
     layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)

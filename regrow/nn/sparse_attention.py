@@ -92,6 +92,10 @@ class SparseMultiheadAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         b, lq, _ = query.shape
         ls = key.shape[1]
+        if key is query and value is query:
+            # self-attention: q, k and v read one feature-major copy of the input, which each
+            # SparseLinear then uses (and keeps for its backward) as it is, instead of three
+            query = key = value = feature_major(query)
         q, k, v = (self._heads(proj(x), b) for proj, x in ((self.q_proj, query), (self.k_proj, key),
                                                            (self.v_proj, value)))
         mask = self._mask(key_padding_mask, attn_mask, is_causal, b, lq, ls, q.dtype, q.device)
@@ -145,3 +149,12 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
     return mask.to(dtype)
+
+
+def feature_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., E] as a view of the same shape whose memory is laid out [E, rest]: the layout
+    SparseLinear computes in (it takes such an input without copying it)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(0) == 1 and flat.stride(1) == max(1, flat.shape[0]):
+        return x   # already feature-major
+    return flat.t().contiguous().t().reshape(x.shape)
