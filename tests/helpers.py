@@ -129,3 +129,24 @@ class LargestTensor(TorchDispatchMode):
                 self.numel = max(self.numel, t.numel())
                 self.nbytes = max(self.nbytes, t.numel() * t.element_size())
         return out
+
+
+def srigl_trained_sparse_mlp():
+    """An always-sparse 20-32-24-3 MLP (fan-in 6) after 9 SRigL steps at gamma_sal 0.9, with some
+    neurons of its hidden layers (model[1], model[3]) ablated: ``(model, dst)``."""
+    import warnings
+
+    from regrow.nn import sparse_mlp
+    torch.manual_seed(0)
+    model = sparse_mlp(20, [32, 24], 3, fan_in=6, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "regrow. sparsity=0.9 has no effect")   # the layers fix their own N
+        dst = regrow.DynamicSparsity(model, opt, method="srigl", sparsity=0.9, total_steps=40, update_interval=3,
+                                     gamma_sal=0.9)
+    x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
+    for _ in range(9):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        dst.step()
+    return model, dst

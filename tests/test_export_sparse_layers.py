@@ -6,10 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import regrow
 from regrow.export import export
 from regrow.nn import CondensedLinear, CSRLinear, SparseLinear, sparse_mlp, sparsify
-from helpers import LargestTensor
+from helpers import LargestTensor, srigl_trained_sparse_mlp
 
 DIRECT = "read from the layer's indices"
 
@@ -107,18 +106,8 @@ def test_varying_fan_in_exports_csr_or_dense():
     _assert_same(out, model, x)
 
 
-@pytest.mark.filterwarnings("ignore:regrow. sparsity=0.9 has no effect")  # the layers fix their own N
 def test_srigl_trained_mlp_with_ablated_rows():
-    torch.manual_seed(0)
-    model = sparse_mlp(20, [32, 24], 3, fan_in=6, seed=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    dst = regrow.DynamicSparsity(model, opt, method="srigl", sparsity=0.9, total_steps=40, update_interval=3,
-                                 gamma_sal=0.9)
-    x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
-    for _ in range(9):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        dst.step()
+    model, dst = srigl_trained_sparse_mlp()
     ablated = [i for i in (1, 3) if bool((model[i].row_indices.bincount(minlength=model[i].rows) == 0).any())]
     assert ablated, "the test needs SRigL to have ablated neurons"
     xt = torch.randn(9, 20)

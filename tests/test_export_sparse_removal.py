@@ -10,10 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import regrow
 from regrow.export import export
-from regrow.nn import CondensedLinear, CSRLinear, SparseLinear, sparse_mlp
-from helpers import LargestTensor
+from regrow.nn import CondensedLinear, CSRLinear, SparseLinear
+from helpers import LargestTensor, srigl_trained_sparse_mlp
 
 DIRECT = "read from the layer's indices (no dense weight)"
 
@@ -154,18 +153,8 @@ def test_varying_fan_in_consumer_becomes_csr_or_dense():
     assert type(out[2]) is CSRLinear and out[2].in_features == 8
 
 
-@pytest.mark.filterwarnings("ignore:regrow. sparsity=0.9 has no effect")  # the layers fix their own N
 def test_srigl_trained_sparse_mlp_matches_dense_route():
-    torch.manual_seed(0)
-    model = sparse_mlp(20, [32, 24], 3, fan_in=6, seed=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    dst = regrow.DynamicSparsity(model, opt, method="srigl", sparsity=0.9, total_steps=40, update_interval=3,
-                                 gamma_sal=0.9)
-    x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
-    for _ in range(9):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        dst.step()
+    model, dst = srigl_trained_sparse_mlp()
     dead = {i: int((model[i].row_indices.bincount(minlength=model[i].rows) == 0).sum()) for i in (1, 3)}
     assert sum(dead.values()), "the test needs SRigL to have ablated neurons"
     out = _assert_same_as_dense_route(model, torch.randn(9, 20))
