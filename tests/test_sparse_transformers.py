@@ -112,6 +112,24 @@ def test_self_attention_makes_one_feature_major_copy_of_its_input_for_q_k_and_v(
     torch.testing.assert_close(gx, gx_expected, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_kernel_gets_head_dim_contiguous_inputs(monkeypatch):
+    """scaled_dot_product_attention's fused CPU/GPU kernels need a unit last stride; SparseLinear's
+    outputs are feature-major, so the heads are made contiguous first (else the math path keeps
+    every head's scores for the backward)."""
+    import regrow.nn.sparse_attention as sa
+    seen = []
+    sdpa = sa.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append([t.stride(-1) for t in (q, k, v)])
+        return sdpa(q, k, v, **kwargs)
+    monkeypatch.setattr(sa.F, "scaled_dot_product_attention", recording)
+    sparse = SparseMultiheadAttention.from_masked(masked_attention(4))
+    x = torch.randn(2, 5, 16)
+    sparse(x, x, x, need_weights=False)
+    assert seen == [[1, 1, 1]]
+
+
 def test_converted_encoder_layer_equals_the_masked_layer_in_train_and_eval():
     torch.manual_seed(3)
     layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)

@@ -122,8 +122,11 @@ class SparseMultiheadAttention(nn.Module):
         return out, weights
 
     def _heads(self, x: torch.Tensor, b: int) -> torch.Tensor:
-        """[B, L, E] -> [B, heads, L, head_dim]."""
-        return x.reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        """[B, L, E] -> [B, heads, L, head_dim], head_dim contiguous: SparseLinear's outputs are
+        feature-major, and scaled_dot_product_attention takes its fused (flash) kernels only for
+        a unit last stride; otherwise it falls back to the math path, which keeps the [L, S]
+        scores of every head for the backward."""
+        return x.contiguous().reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _mask(self, key_padding_mask, attn_mask, is_causal, b, lq, ls, dtype, device) -> torch.Tensor | None:
         """One additive float mask broadcastable to [B, heads, L, S] (None when nothing is masked)."""
