@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
 PY := $(VENV)/bin/python
 GPU_PY ?= $(PY)
 STAMP := $(VENV)/.installed
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test,integrations]"
 	$(PY) -m pip install -q --no-deps "timm>=1.0"
+	# Triton (CUDA builds of torch bring it) so the tests check SparseLinear's CUDA kernels under
+	# Triton's interpreter on the CPU; `import regrow` never imports it
+	$(PY) -m pip install -q --no-deps "$(TRITON_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)

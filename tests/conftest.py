@@ -4,6 +4,12 @@ import pytest
 import torch
 from hypothesis import settings
 
+# Without a GPU, Triton (when installed) can only run under its interpreter, which it reads from
+# the environment when first imported: turn it on before any test module imports Triton, so
+# tests/test_triton_kernels.py checks SparseLinear's CUDA kernels on the CPU
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
