@@ -131,6 +131,12 @@ def test_load_state_dict_with_a_different_nnz():
     torch.testing.assert_close(target(x), source(x))
     target(x).sum().backward()   # the resized parameter trains
     assert target.values.grad.shape == (source.nnz,)
+    # loaded over a layer that holds a gradient (no zero_grad in between): the stale gradient goes
+    other = SparseConv2d(3, 4, 3, padding=1, density=0.9, seed=3)
+    target.load_state_dict(other.state_dict())
+    assert target.values.grad is None
+    target(x).sum().backward()
+    assert target.values.grad.shape == (other.nnz,)
 
 
 def test_stacked_layers_with_inplace_activation_train():

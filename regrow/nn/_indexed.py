@@ -187,6 +187,9 @@ class IndexedWeights:
             # a checkpoint of the same layer after a drop-only update: resize before copying
             with torch.no_grad():
                 _resize_parameter(self.values, torch.empty_like(vals, device=self.values.device, dtype=self.values.dtype))
+            # a gradient of the old entries means nothing for the loaded ones (and a later
+            # backward could not accumulate into its shape)
+            self.values.grad = None
             n = vals.numel()
             self.row_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
             self.col_indices = torch.empty(n, dtype=torch.int32, device=self.values.device)
