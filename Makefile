@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test,integrations]"
 	$(PY) -m pip install -q --no-deps "timm>=1.0"
-	# Triton (CUDA builds of torch bring it) so the tests check SparseLinear's CUDA kernels under
-	# Triton's interpreter on the CPU; `import regrow` never imports it
-	$(PY) -m pip install -q --no-deps "$(TRITON_SPEC)"
+	# Triton (CUDA builds of torch bring it), so that tests/test_triton_isolated.py checks
+	# SparseLinear's CUDA kernels under Triton's interpreter on the CPU, in a process of its own:
+	# installed beside site-packages, not in it, so the other tests never load it
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton "$(TRITON_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)
