@@ -537,12 +537,11 @@ class _ExportState:
             w3 = w.reshape(w.shape[0], -1, chain.group)
             fold = (w3[:, removable, :] * const[removable].view(1, -1, 1)).sum((1, 2))
             cols = (~removable).repeat_interleave(chain.group)
-            new_w = w[:, cols]
         else:
             fold = (w[:, removable] * const[removable].view(1, -1, *([1] * (w.dim() - 2)))).sum(
                 tuple(range(1, w.dim())))
             cols = ~removable
-            new_w = w[:, cols]
+        new_w = w[:, cols]
         if consumer.bias is None and bool((fold != 0).any()):
             consumer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
                                          requires_grad=w.requires_grad)

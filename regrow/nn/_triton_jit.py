@@ -4,6 +4,7 @@ Triton's interpreter requires."""
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def spmm_rows_kernel(ptr, idx, values, perm, src, bias, out, batch,
                      HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -30,6 +31,7 @@ def spmm_rows_kernel(ptr, idx, values, perm, src, bias, out, batch,
         acc += tl.load(bias + r)
     tl.store(out + r.to(tl.int64) * batch + b, acc, mask=in_batch)
 
+
 @triton.jit
 def sddmm_kernel(row, col, a, b_src, out, n, batch, BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr):
     j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -45,6 +47,8 @@ def sddmm_kernel(row, col, a, b_src, out, n, batch, BLOCK_J: tl.constexpr, BLOCK
         acc += tl.sum(x * y, axis=1)
     tl.store(out + j, acc, mask=live)
 
+
 def kernels() -> dict:
+    """The kernels and the launch helpers :mod:`regrow.nn._triton_kernels` needs."""
     return {"spmm_rows": spmm_rows_kernel, "sddmm": sddmm_kernel, "cdiv": triton.cdiv,
-        "next_power_of_2": triton.next_power_of_2}
+            "next_power_of_2": triton.next_power_of_2}
