@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -101,3 +103,20 @@ def test_torch_sparse_backward_matches_the_dense_layer(monkeypatch):
     torch.testing.assert_close(xs.grad, xd.grad)
     torch.testing.assert_close(layer.values.grad, dense.weight.grad[layer.row_indices.long(), layer.col_indices.long()])
     torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+
+
+def test_cuda_route_named_but_without_triton_says_so(monkeypatch):
+    """REGROW_CUDA_SPARSE=triton where Triton does not import falls back to torch.sparse, with a
+    warning; left unset, the fallback is silent (Triton is optional); a typo is an error."""
+    from regrow.nn import _triton_kernels
+    monkeypatch.setattr(_triton_kernels, "_KERNELS", {})   # as if Triton did not import
+    monkeypatch.setenv("REGROW_CUDA_SPARSE", "triton")
+    with pytest.warns(RuntimeWarning, match="Triton does not import"):
+        assert _triton_kernels.route() == "torch"
+    monkeypatch.delenv("REGROW_CUDA_SPARSE")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _triton_kernels.route() == "torch"
+    monkeypatch.setenv("REGROW_CUDA_SPARSE", "cusparse")
+    with pytest.raises(ValueError, match="REGROW_CUDA_SPARSE"):
+        _triton_kernels.route()

@@ -18,6 +18,7 @@ them without a GPU); the CPU route is the compiled C kernels.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -42,10 +43,16 @@ def _kernels() -> dict:
 def route() -> str:
     """"triton" or "torch": which kernels SparseLinear uses on CUDA (``REGROW_CUDA_SPARSE``,
     default triton when it imports)."""
-    wanted = os.environ.get("REGROW_CUDA_SPARSE", "triton").strip().lower()
+    asked = os.environ.get("REGROW_CUDA_SPARSE")
+    wanted = (asked or "triton").strip().lower()
     if wanted not in ("triton", "torch"):
         raise ValueError(f"REGROW_CUDA_SPARSE must be 'triton' or 'torch', got {wanted!r}")
-    return wanted if wanted == "torch" or _kernels() else "torch"
+    if wanted == "torch" or _kernels():
+        return wanted
+    if asked is not None:   # asked for by name: say that it cannot be had (warnings shows it once)
+        warnings.warn("regrow: REGROW_CUDA_SPARSE=triton but Triton does not import here; SparseLinear "
+                      "uses torch.sparse (cuSPARSE) on CUDA", RuntimeWarning, stacklevel=2)
+    return "torch"
 
 
 def usable(*tensors: torch.Tensor) -> bool:
